@@ -55,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     # 'source_only' | 'daformer' (DACS self-training) | 't2s' (DAFormer + pulling loss)
     # | 'dg' (domain generalisation: no target data, L_src + lambda * L_pull).
     config.method = "t2s"
+    config.num_devices = 0  # devices of the data mesh; 0 = every device of every process
 
     # ---------------------------------------------------------------- model
     model = config.model = ml_collections.ConfigDict()

@@ -1,0 +1,49 @@
+"""Segmentation losses of the DAFormer step (method.md sections 3 and 4.2, 4.7).
+
+Logits are NHWC `(B, H, W, K)`; label maps `(B, H, W)` hold train ids with 255 = ignore.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = 255
+
+
+def upsample_logits(logits: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    """Bilinear resize of `(B, h, w, K)` logits to `(B, *hw, K)`.
+
+    Matches PyTorch `F.interpolate(mode='bilinear', align_corners=False)` (half-pixel
+    centres); antialiasing is off so that shrinking matches it too.
+    """
+    batch, _, _, channels = logits.shape
+    return jax.image.resize(logits, (batch, *hw, channels), method="linear", antialias=False)
+
+
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    weights: jax.Array | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> jax.Array:
+    """Per-pixel softmax cross-entropy, averaged over ALL `B*H*W` pixels (mmseg / DAFormer).
+
+    Ignored pixels add 0 to the sum but still count in the mean; `weights` `(B, H, W)`
+    scales each pixel's term (the mixed loss's pseudo-label weight, method.md 4.5).
+    Computed in float32 whatever the logits' dtype. A label outside `[0, K)` other than
+    `ignore_index` yields NaN, so a bad label map cannot train silently.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"cross_entropy: logits {logits.shape} do not match labels {labels.shape}")
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    valid = labels != ignore_index
+    safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+    label_log_prob = jnp.take_along_axis(
+        log_probs, safe_labels[..., None], axis=-1, mode="fill", fill_value=jnp.nan
+    )[..., 0]
+    per_pixel = jnp.where(valid, -label_log_prob, 0.0)
+    if weights is not None:
+        per_pixel = per_pixel * weights.astype(jnp.float32)
+    return jnp.mean(per_pixel)

@@ -1,0 +1,47 @@
+"""Entry point: `python -m t2s_jax.main --config=configs/gta_cs_daformer.py --workdir=runs/x`.
+
+Overrides go after the config: `--config.train.num_steps=100`. Configs are locked, so a
+misspelt key fails with the list of valid keys.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from t2s_jax import parallel, train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, evaluations.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming if possible) or evaluate.")
+_STEP = flags.DEFINE_integer("step", None, "--mode=eval: checkpoint step to evaluate (default: latest).")
+_PRETRAINED = flags.DEFINE_string(
+    "pretrained", "", "--mode=eval: evaluate an imported Hugging Face SegFormer directory instead."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "Multi-process: host:port of process 0 (default: from the environment)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index.")
+
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config = _CONFIG.value
+    if _MODE.value == "eval":
+        train.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value, pretrained=_PRETRAINED.value)
+    elif config.get("compare_methods"):
+        train.train_methods(config, _WORKDIR.value)
+    else:
+        train.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

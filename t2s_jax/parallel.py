@@ -1,0 +1,122 @@
+"""Device mesh, shardings, global batch assembly and multi-host start-up.
+
+Data parallelism only: one mesh axis, 'data', over every device of every process.
+Parameters are replicated; each process feeds its share of the global batch, which
+`global_batch` stitches into one `jax.Array` sharded on its leading axis.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def _multihost_environment() -> str:
+    """Names the launcher environment variable that announces several processes, or ''."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return "SLURM_NTASKS"
+    for name in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):  # Cloud TPU / GKE pod slices
+        if len([host for host in os.environ.get(name, "").split(",") if host]) > 1:
+            return name
+    for name in ("MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"):
+        if os.environ.get(name):
+            return name
+    return ""
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+    """Starts `jax.distributed` when this run spans several processes; a no-op otherwise.
+
+    Explicit arguments win (those left at their defaults are auto-detected by JAX).
+    Without them, JAX's own cluster detection (SLURM, Cloud TPU, ...) is used, but only
+    when the environment says there are several processes: on a single host there is
+    nothing to initialise. Must run before anything touches the devices.
+    """
+    if jax.distributed.is_initialized():
+        logging.info("jax.distributed already initialised: process %d of %d.", jax.process_index(), jax.process_count())
+        return
+    if coordinator_address or num_processes > 0 or process_id >= 0:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address or None,
+            num_processes=num_processes if num_processes > 0 else None,
+            process_id=process_id if process_id >= 0 else None,
+        )
+        how = f"explicit flags (coordinator {coordinator_address or 'auto'})"
+    elif variable := _multihost_environment():
+        jax.distributed.initialize()
+        how = f"auto-detection ({variable} is set)"
+    else:
+        logging.info("Single process: jax.distributed not initialised.")
+        return
+    logging.info(
+        "jax.distributed initialised by %s: process %d of %d, %d local / %d global devices.",
+        how, jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    )  # fmt: skip
+
+
+def make_mesh() -> Mesh:
+    """A 1-D mesh, axis 'data', over all devices of all processes."""
+    # jax >= 0.10 defaults to explicit axis types; Auto keeps classic GSPMD propagation.
+    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (parameters, optimizer state, metrics)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+    """The leading (batch) axis split over the 'data' axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def _is_batch_array(value) -> bool:
+    return isinstance(value, np.ndarray) and (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_)
+
+
+def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles this process's examples and the other processes' into global arrays.
+
+    Each process passes its own `host_batch` (leading axis = its examples); the result's
+    leading axis is the global batch, sharded over 'data'. Entries that are not numeric
+    NumPy arrays (file names, strings, metadata) stay on the host and are left out.
+    """
+    sharding = data_sharded(mesh)
+    local_devices = jax.local_device_count()
+    arrays = {}
+    for key, value in host_batch.items():
+        if not _is_batch_array(value):
+            continue
+        if value.ndim == 0 or value.shape[0] % local_devices:
+            raise ValueError(
+                f"batch entry {key!r} has shape {value.shape}: its leading (per-process batch) axis must be "
+                f"divisible by the {local_devices} local devices of process {jax.process_index()}"
+            )
+        arrays[key] = jax.make_array_from_process_local_data(sharding, value)
+    return arrays
+
+
+def _gather(x) -> np.ndarray:
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    # A collective: every process must call it with the same arrays.
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def to_host(tree):
+    """A global array (or a pytree of them) as NumPy on this host, whole.
+
+    With several processes, arrays sharded across hosts are all-gathered, so every
+    process must call this with the same arrays.
+    """
+    return jax.tree.map(_gather, tree)

@@ -1,0 +1,34 @@
+"""Teacher pseudo-labels and their quality weight (method.md section 4.4).
+
+As in DAFormer's `dacs.py`: softmax over classes, confidence p = max, label = argmax;
+q = (pixels with p >= threshold) / (all B*H*W pixels), one scalar for the whole batch;
+the pixel weight is q everywhere except crop rows [0, ignore_top) and
+[H - ignore_bottom, H), which get 0 (rectification artefacts and the ego car).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def pseudo_labels(
+    teacher_logits: jax.Array, *, threshold: float, ignore_top: int, ignore_bottom: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`(B, H, W, K)` teacher logits -> (labels int32, pixel_weight f32, confidence f32 (B, H, W), q f32 scalar).
+
+    All outputs carry `stop_gradient`: pseudo-labels are targets, not a path to the teacher.
+    """
+    height = teacher_logits.shape[1]
+    if ignore_top < 0 or ignore_bottom < 0 or ignore_top + ignore_bottom > height:
+        raise ValueError(
+            f"pseudo_labels: ignore_top={ignore_top}, ignore_bottom={ignore_bottom} do not fit a crop of height {height}"
+        )
+    probs = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
+    confidence = jnp.max(probs, axis=-1)
+    labels = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+    quality = jnp.mean((confidence >= threshold).astype(jnp.float32))
+    rows = jnp.arange(height)
+    trusted_rows = (rows >= ignore_top) & (rows < height - ignore_bottom)
+    pixel_weight = jnp.broadcast_to(jnp.where(trusted_rows[:, None], quality, 0.0), confidence.shape)
+    return labels, pixel_weight, confidence, quality
