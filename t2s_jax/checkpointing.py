@@ -37,6 +37,7 @@ class RunCheckpointer:
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
             preservation_policy=policy,
+            best_fn=lambda metrics: metrics["miou"],  # makes Orbax store per-step metrics
             create=True,
         )
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -49,6 +50,7 @@ class RunCheckpointer:
         return list(self._manager.all_steps())
 
     def best_step(self) -> int | None:
+        """The kept step with the highest mIoU, or None before any evaluation."""
         return self._manager.best_step()
 
     def save(
