@@ -188,6 +188,12 @@ def _source_only_losses(context: _StepContext, params, batch):
     return loss_source, (batch_stats, context.state.teacher_batch_stats, metrics)
 
 
+def _blur_kernel_hw(images: jax.Array, fraction: float) -> tuple[int, int]:
+    """DAFormer sizes the blur kernel per axis from the crop (51 x 51 for 512 x 512)."""
+    height, width = images.shape[1:3]
+    return augment.blur_kernel_size_for(height, fraction), augment.blur_kernel_size_for(width, fraction)
+
+
 def _strong_augment(context: _StepContext, key: jax.Array, images_0_255: jax.Array) -> jax.Array:
     uda = context.config.uda
     return augment.strong_augment(
@@ -198,9 +204,7 @@ def _strong_augment(context: _StepContext, key: jax.Array, images_0_255: jax.Arr
         color_jitter_hue=uda.color_jitter_hue,
         blur_prob=uda.blur_prob,
         blur_sigma=tuple(uda.blur_sigma),
-        blur_kernel_size=augment.blur_kernel_size_for(
-            images_0_255.shape[1], uda.blur_kernel_fraction
-        ),
+        blur_kernel_size=_blur_kernel_hw(images_0_255, uda.blur_kernel_fraction),
     )
 
 
@@ -218,9 +222,7 @@ def _pseudo_target(context: _StepContext, source_0_255, target_0_255):
         color_jitter_hue=uda.color_jitter_hue,
         blur_prob=uda.blur_prob,
         blur_sigma=tuple(uda.blur_sigma),
-        blur_kernel_size=augment.blur_kernel_size_for(
-            source_0_255.shape[1], uda.blur_kernel_fraction
-        ),
+        blur_kernel_size=_blur_kernel_hw(source_0_255, uda.blur_kernel_fraction),
     )
 
 

@@ -175,7 +175,7 @@ def _log_evaluation(workdir, step, summary, writer):
 def _scalar_items(summary: dict) -> dict[str, float]:
     scalars = {f"eval/{k}": float(v) for k, v in summary.items() if k.startswith("miou")}
     for name, iou in zip(CITYSCAPES_CLASSES, summary["per_class_iou"]):
-        scalars[f"eval_iou/{name}"] = float(iou)
+        scalars[f"eval_iou/{name.replace(' ', '_')}"] = float(iou)
     return scalars
 
 

@@ -22,9 +22,8 @@ def test_upsample_logits_matches_torch_bilinear(in_hw, out_hw):
 
 
 def _torch_ce_mean_over_all(logits, labels, weights=None):
-    per_pixel = F.cross_entropy(
-        torch.from_numpy(logits).permute(0, 3, 1, 2), torch.from_numpy(labels).long(), reduction="none", ignore_index=255
-    )
+    torch_logits = torch.from_numpy(logits).permute(0, 3, 1, 2)
+    per_pixel = F.cross_entropy(torch_logits, torch.from_numpy(labels).long(), reduction="none", ignore_index=255)
     if weights is not None:
         per_pixel = per_pixel * torch.from_numpy(weights)
     return float(per_pixel.sum() / per_pixel.numel())

@@ -66,7 +66,6 @@ def _rgb_to_hsv(image: jax.Array) -> jax.Array:
     is_r = max_c == r
     is_g = (max_c == g) & ~is_r
     hue = jnp.where(is_r, bc - gc, jnp.where(is_g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = jnp.where(grey, 0.0, hue)
     hue = jnp.mod(hue / 6.0 + 1.0, 1.0)
     return jnp.stack((hue, saturation, max_c), axis=-1)
 
@@ -94,21 +93,33 @@ def adjust_hue(image: jax.Array, shift: jax.Array) -> jax.Array:
     return _hsv_to_rgb(hsv)
 
 
-def _color_jitter_one(key: jax.Array, image: jax.Array, strength: float, hue: float) -> jax.Array:
+def color_jitter(
+    image: jax.Array,
+    brightness: jax.Array,
+    contrast: jax.Array,
+    saturation: jax.Array,
+    hue: jax.Array,
+    order: jax.Array,
+) -> jax.Array:
+    """One `(H, W, 3)` image in [0, 1]; `order` is a permutation of (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
+    adjustments = (
+        lambda x: adjust_brightness(x, brightness),
+        lambda x: adjust_contrast(x, contrast),
+        lambda x: adjust_saturation(x, saturation),
+        lambda x: adjust_hue(x, hue),
+    )
+    for position in range(len(adjustments)):
+        image = jax.lax.switch(order[position], adjustments, image)
+    return image
+
+
+def _random_color_jitter(key: jax.Array, image: jax.Array, strength: float, hue: float) -> jax.Array:
     """torchvision ColorJitter(strength, strength, strength, hue) on one `(H, W, 3)` image in [0, 1]."""
     factors_key, hue_key, order_key = jax.random.split(key, 3)
     factors = jax.random.uniform(factors_key, (3,), minval=max(0.0, 1.0 - strength), maxval=1.0 + strength)
     hue_shift = jax.random.uniform(hue_key, (), minval=-hue, maxval=hue)
-    adjustments = (
-        lambda x: adjust_brightness(x, factors[0]),
-        lambda x: adjust_contrast(x, factors[1]),
-        lambda x: adjust_saturation(x, factors[2]),
-        lambda x: adjust_hue(x, hue_shift),
-    )
-    order = jax.random.permutation(order_key, len(adjustments))
-    for position in range(len(adjustments)):
-        image = jax.lax.switch(order[position], adjustments, image)
-    return image
+    order = jax.random.permutation(order_key, 4)
+    return color_jitter(image, factors[0], factors[1], factors[2], hue_shift, order)
 
 
 def _reflect_index(index: np.ndarray, size: int) -> np.ndarray:
@@ -166,7 +177,7 @@ def strong_augment(
     def augment_one(example_key: jax.Array, image: jax.Array) -> jax.Array:
         jitter_coin, jitter_key, blur_coin, sigma_key = jax.random.split(example_key, 4)
         image = jnp.clip(image.astype(jnp.float32) / 255.0, 0.0, 1.0)
-        jittered = _color_jitter_one(jitter_key, image, color_jitter_strength, color_jitter_hue)
+        jittered = _random_color_jitter(jitter_key, image, color_jitter_strength, color_jitter_hue)
         image = jnp.where(jax.random.bernoulli(jitter_coin, color_jitter_prob), jittered, image)
         sigma = jax.random.uniform(sigma_key, (), minval=blur_sigma[0], maxval=blur_sigma[1])
         blurred = gaussian_blur(image, sigma, blur_kernel_size)

@@ -22,7 +22,8 @@ def pseudo_labels(
     height = teacher_logits.shape[1]
     if ignore_top < 0 or ignore_bottom < 0 or ignore_top + ignore_bottom > height:
         raise ValueError(
-            f"pseudo_labels: ignore_top={ignore_top}, ignore_bottom={ignore_bottom} do not fit a crop of height {height}"
+            f"pseudo_labels: ignore_top={ignore_top}, ignore_bottom={ignore_bottom} "
+            f"do not fit a crop of height {height}"
         )
     probs = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
     confidence = jnp.max(probs, axis=-1)
