@@ -329,25 +329,25 @@ def _query_images(context: _StepContext, source_raw, target_raw):
 
 
 def _pulling_loss(context, student_output, teacher_output, num_student_groups, source_labels):
-    """lambda-free pulling loss from the student's query pass and the teacher's key passes."""
+    """The pulling loss (before lambda) from the student's query pass and the teacher's key passes."""
     config = context.config
-    pull = config.pull
-    queries_all = _split_groups(student_output.projection, num_student_groups)
-    queries = queries_all[-1] if pull.query_domain != "source" else queries_all[0]
+    queries_by_pass = _split_groups(student_output.projection, num_student_groups)
+    # 'source' queries reuse the source pass; otherwise the last student pass holds the queries.
+    queries = queries_by_pass[0] if config.pull.query_domain == "source" else queries_by_pass[-1]
     feature_hw = queries.shape[1:3]
     source_labels_grid = pulling.downsample_labels_nearest(source_labels, feature_hw)
 
-    teacher_groups = 2 if config.method == "t2s" else 1
-    teacher_projection = _split_groups(teacher_output.projection, teacher_groups)
-    teacher_logits = _split_groups(teacher_output.logits, teacher_groups)
-    source_keys = teacher_projection[-1]
-    if config.method == "dg":
-        target_keys = target_labels = target_confidence = None
-    else:
-        target_keys = teacher_projection[0]
-        target_labels, target_confidence = pulling.grid_pseudo_labels(teacher_logits[0], feature_hw)
+    teacher_groups = 1 if config.method == "dg" else 2  # (source) or (target, source)
+    source_keys = _split_groups(teacher_output.projection, teacher_groups)[-1]
+    target_keys = target_labels = target_confidence = None
+    if config.method != "dg":
+        target_keys = _split_groups(teacher_output.projection, teacher_groups)[0]
+        target_logits = _split_groups(teacher_output.logits, teacher_groups)[0]
+        probabilities = jax.nn.softmax(target_logits.astype(jnp.float32), axis=-1)
+        target_labels = pulling.downsample_labels_nearest(jnp.argmax(probabilities, -1), feature_hw)
+        target_confidence = pulling.downsample_labels_nearest(jnp.max(probabilities, -1), feature_hw)
 
-    query_labels = target_labels if pull.query_domain == "target" else source_labels_grid
+    query_labels = target_labels if config.pull.query_domain == "target" else source_labels_grid
     return pulling.pulling_loss(
         context.keys["pulling"],
         query_features=queries,
@@ -357,17 +357,7 @@ def _pulling_loss(context, student_output, teacher_output, num_student_groups, s
         target_key_features=target_keys,
         target_pseudo_labels=target_labels,
         target_confidence=target_confidence,
-        key_domain=pull.key_domain,
-        num_classes=config.model.num_classes,
-        num_queries=pull.num_queries,
-        class_balanced_queries=pull.class_balanced_queries,
-        num_negatives=pull.num_negatives,
-        domain_equalised_negatives=pull.domain_equalised_negatives,
-        unreliable_fraction=pull.unreliable_fraction,
-        dynamic_reweighting=pull.dynamic_reweighting,
-        reweight_scale=pull.reweight_scale,
-        loss=pull.loss,
-        temperature=pull.temperature,
+        **pulling.pulling_loss_options(config),
     )
 
 

@@ -1,11 +1,11 @@
-"""FDA on the device against the Fourier-domain definition and a float64 NumPy reference."""
+"""FDA against the Fourier-domain definition and a float64 NumPy reference; the pseudo-target engines."""
 import functools
 
 import jax
 import numpy as np
 import pytest
 
-from t2s_jax.uda import fda
+from t2s_jax.uda import fda, translation
 
 
 def _images(seed, shape):
@@ -95,8 +95,6 @@ def test_bad_input_errors():
 
 
 # ---------------------------------------------------------------- pseudo-target engines
-from t2s_jax.uda import translation  # noqa: E402
-
 _ENGINE_KNOBS = dict(
     fda_beta=0.2,
     color_jitter_prob=1.0,
