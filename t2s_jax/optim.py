@@ -31,22 +31,22 @@ def learning_rate_schedule(
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        poly = base_learning_rate * (1.0 - jnp.minimum(step, num_steps) / num_steps) ** power
+        remaining = (num_steps - jnp.minimum(step, num_steps)) / num_steps  # exact near the end
+        poly = base_learning_rate * remaining**power
         if warmup_steps <= 0:
             return poly
-        warmup = 1.0 - (1.0 - step / warmup_steps) * (1.0 - warmup_ratio)
+        # = 1 - (1 - t/w)(1 - ratio), written without float32 cancellation near t = 0.
+        warmup = warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
         return jnp.where(step < warmup_steps, poly * warmup, poly)
 
     return schedule
 
 
 def path_names(path: tuple) -> tuple[str, ...]:
-    """Turns a pytree key path into plain strings ('encoder', 'stages', '0', 'norm1', ...)."""
-    names = []
-    for key in path:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-        names.append(str(name))
-    return tuple(names)
+    """A pytree key path as nnx names ('encoder', 'stages', '0', 'norm1', 'scale')."""
+    names = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path]
+    # Leaves of an nnx.State sit under the Variable's `.value` attribute.
+    return tuple(names[:-1] if names and names[-1] == "value" else names)
 
 
 def parameter_groups(params: Any) -> Any:

@@ -128,7 +128,8 @@ class _StepContext:
 
     def student_forward(self, params, images, num_groups, *, with_projection=False):
         """Training-mode student pass over `num_groups` stacked passes; returns (output, new BN stats)."""
-        model = nnx.merge(self.graphdef, params, self.state.batch_stats)
+        # copy=True: fresh Variables at this trace level, so BatchNorm may update them here.
+        model = nnx.merge(self.graphdef, params, self.state.batch_stats, copy=True)
         output = model.forward(
             images,
             train=True,
@@ -141,7 +142,7 @@ class _StepContext:
     def teacher_forward(self, images, num_groups, *, with_projection=False):
         """Teacher pass: dropout and stochastic depth off, BN on the batch's own statistics."""
         model = nnx.merge(
-            self.graphdef, self.teacher_params, self.state.teacher_batch_stats
+            self.graphdef, self.teacher_params, self.state.teacher_batch_stats, copy=True
         )
         output = model.forward(
             images, train=False, use_batch_stats=True, num_batch_groups=num_groups,

@@ -49,13 +49,13 @@ def create_model_state(
     """
     model_config = model_config_for_run(config)
 
-    def init(seed):
-        model = build_segmentor(model_config, rngs=nnx.Rngs(seed))
+    def init():
+        model = build_segmentor(model_config, rngs=nnx.Rngs(config.seed))
         _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         return params, batch_stats
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_segmentor(model_config, rngs=nnx.Rngs(0))))
-    params, batch_stats = jax.jit(init, out_shardings=parallel.replicated(mesh))(config.seed)
+    params, batch_stats = jax.jit(init, out_shardings=parallel.replicated(mesh))()
     if model_config.pretrained:
         model = nnx.merge(graphdef, params, batch_stats)
         summary = load_pretrained_encoder(model, model_config.pretrained)

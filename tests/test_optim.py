@@ -75,7 +75,7 @@ def test_groups_and_weight_decay_mask_on_the_real_segmentor():
     }
     assert layer_norm_paths, "the encoder has LayerNorms"
     for name, is_decayed in decayed.items():
-        module_path = name.rsplit("/", 2)[0]  # strip '<scale|bias>/value'
+        module_path = name.rsplit("/", 1)[0]  # strip '<scale|bias>'
         in_encoder_norm = name.startswith("encoder") and module_path in layer_norm_paths
         assert is_decayed == (not in_encoder_norm), name
 
