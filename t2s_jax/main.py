@@ -29,10 +29,22 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process: this proces
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging.Filter):
+    """Keeps INFO chatter of checkpointing and dataset libraries out of the progress log."""
+
+    _NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/absl/")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(
+            part in record.pathname for part in self._NOISY
+        )
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     if _MODE.value == "eval":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from typing import Callable
+
 import jax
 import numpy as np
 from absl import logging
@@ -62,10 +64,25 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
     )  # fmt: skip
 
 
-def make_mesh() -> Mesh:
-    """A 1-D mesh, axis 'data', over all devices of all processes."""
+def make_mesh(num_devices: int = 0) -> Mesh:
+    """A 1-D mesh, axis 'data', over the first `num_devices` devices (0: all, of all processes)."""
+    num_devices = num_devices or jax.device_count()
+    if num_devices > jax.device_count():
+        raise ValueError(f"num_devices={num_devices} but only {jax.device_count()} devices exist")
     # jax >= 0.10 defaults to explicit axis types; Auto keeps classic GSPMD propagation.
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh(
+        (num_devices,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+        devices=jax.devices()[:num_devices],
+    )
+
+
+def per_device(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` applied to each device's slice of the batch axis of every argument.
+
+    For per-example ops that GSPMD cannot partition: it runs an FFT on the gathered
+    batch on every device, where each device needs only its own examples.
+    """
+    return jax.shard_map(fn, mesh=mesh, in_specs=PartitionSpec(DATA_AXIS), out_specs=PartitionSpec(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -6,13 +6,15 @@ sections 4 (DAFormer) and 5 (T2S-DA).
 
 Accelerators want large batches, so the student's passes of a step (source, mixed,
 pseudo-target) run as ONE batched forward/backward and the teacher's passes (target,
-source) as one forward. BatchNorm normalises each pass with its own statistics
+source) as one forward, interleaved example-major so a device's examples stay on it
+(`stack_passes`). BatchNorm normalises each pass with its own statistics
 (`num_batch_groups`), so the semantics of separate passes hold.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import flax.struct
@@ -22,7 +24,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from t2s_jax import losses
+from t2s_jax import losses, parallel
+from t2s_jax.models import stack_passes, unstack_passes
 from t2s_jax.optim import learning_rate_schedule
 from t2s_jax.uda import augment, classmix, ema, feature_distance, normalize, pseudo_labels, pulling
 from t2s_jax.uda.translation import pseudo_target_images
@@ -64,8 +67,9 @@ def make_train_step(
     graphdef: nnx.GraphDef,
     optimizer: optax.GradientTransformation,
     num_steps: int,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array], nnx.State], tuple[TrainState, Metrics]]:
-    """The step of `config.method`; jit it with the state replicated and the batch sharded."""
+    """The step of `config.method`; jit it with the state replicated and the batch sharded on `mesh`."""
     if config.method not in METHODS:
         raise ValueError(f"config.method={config.method!r}; expected one of {METHODS}")
     learning_rate = learning_rate_schedule(config.optim.learning_rate, config.optim, num_steps)
@@ -81,7 +85,7 @@ def make_train_step(
         teacher_params = ema.update_teacher(
             state.teacher_params, state.params, state.step, config.uda.ema_max_alpha
         )
-        context = _StepContext(config, graphdef, state, teacher_params, imagenet_params, keys)
+        context = _StepContext(config, graphdef, mesh, state, teacher_params, imagenet_params, keys)
 
         def loss_fn(params):
             return losses_fn(context, params, batch)
@@ -121,6 +125,7 @@ class _StepContext:
 
     config: ml_collections.ConfigDict
     graphdef: nnx.GraphDef
+    mesh: jax.sharding.Mesh | None
     state: TrainState
     teacher_params: nnx.State  # already EMA-updated for this step
     imagenet_params: nnx.State  # frozen initial parameters; only the encoder is used
@@ -155,10 +160,6 @@ class _StepContext:
         """Last-stage features of the frozen ImageNet encoder (feature distance)."""
         model = nnx.merge(self.graphdef, self.imagenet_params, self.state.batch_stats)
         return jax.lax.stop_gradient(model.encoder(images)[-1])
-
-
-def _split_groups(x: jax.Array, num_groups: int) -> list[jax.Array]:
-    return jnp.split(x, num_groups, axis=0)
 
 
 def _source_cross_entropy(context: _StepContext, logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -212,10 +213,8 @@ def _strong_augment(context: _StepContext, key: jax.Array, images_0_255: jax.Arr
 def _pseudo_target(context: _StepContext, source_0_255, target_0_255):
     pull = context.config.pull
     uda = context.config.uda
-    return pseudo_target_images(
-        context.keys["translation"],
-        source_0_255,
-        target_0_255,
+    translate = functools.partial(
+        pseudo_target_images,
         engine=pull.translation,
         fda_beta=pull.fda_beta,
         color_jitter_prob=uda.color_jitter_prob,
@@ -225,6 +224,11 @@ def _pseudo_target(context: _StepContext, source_0_255, target_0_255):
         blur_sigma=tuple(uda.blur_sigma),
         blur_kernel_size=_blur_kernel_hw(source_0_255, uda.blur_kernel_fraction),
     )
+    if pull.translation == "fda" and context.mesh is not None:
+        # FDA is deterministic and per example: each device transforms its own images.
+        fda_per_device = parallel.per_device(lambda s, t: translate(None, s, t), context.mesh)
+        return fda_per_device(source_0_255, target_0_255)
+    return translate(context.keys["translation"], source_0_255, target_0_255)
 
 
 def _daformer_losses(context: _StepContext, params, batch):
@@ -239,11 +243,11 @@ def _daformer_losses(context: _StepContext, params, batch):
     # Teacher: pseudo-labels on the target and, for T2S-DA, keys on target and source.
     teacher_images = [target_raw] + ([source_raw] if use_pull else [])
     teacher_output, teacher_batch_stats = context.teacher_forward(
-        normalize.normalize(jnp.concatenate(teacher_images)),
+        normalize.normalize(stack_passes(teacher_images)),
         len(teacher_images),
         with_projection=use_pull,
     )
-    teacher_target_logits = _split_groups(teacher_output.logits, len(teacher_images))[0]
+    teacher_target_logits = unstack_passes(teacher_output.logits, len(teacher_images))[0]
     target_pseudo = pseudo_labels.pseudo_labels(
         losses.upsample_logits(teacher_target_logits, crop_hw),
         threshold=config.uda.pseudo_threshold,
@@ -266,16 +270,16 @@ def _daformer_losses(context: _StepContext, params, batch):
             student_images.append(query_images)
     student_output, batch_stats = context.student_forward(
         params,
-        normalize.normalize(jnp.concatenate(student_images)),
+        normalize.normalize(stack_passes(student_images)),
         len(student_images),
         with_projection=use_pull,
     )
-    student_logits = _split_groups(student_output.logits, len(student_images))
+    student_logits = unstack_passes(student_output.logits, len(student_images))
     loss_source = _source_cross_entropy(context, student_logits[0], source_labels)
     loss_mixed = losses.cross_entropy(
         losses.upsample_logits(student_logits[1], crop_hw), mixed_labels, weights=mixed_weight
     )
-    source_features = _split_groups(student_output.encoder_features[-1], len(student_images))[0]
+    source_features = unstack_passes(student_output.encoder_features[-1], len(student_images))[0]
     loss_fd = _feature_distance(context, source_features, normalize.normalize(source_raw), source_labels)
     total = loss_source + loss_mixed + loss_fd
     metrics = {
@@ -306,10 +310,10 @@ def _domain_generalisation_losses(context: _StepContext, params, batch):
     )
     student_images = [source_raw, _pseudo_target(context, source_raw, None)]
     student_output, batch_stats = context.student_forward(
-        params, normalize.normalize(jnp.concatenate(student_images)), 2, with_projection=True
+        params, normalize.normalize(stack_passes(student_images)), 2, with_projection=True
     )
     loss_source = _source_cross_entropy(
-        context, _split_groups(student_output.logits, 2)[0], source_labels
+        context, unstack_passes(student_output.logits, 2)[0], source_labels
     )
     loss_pull, pull_metrics = _pulling_loss(context, student_output, teacher_output, 2, source_labels)
     total = loss_source + config.pull.weight * loss_pull
@@ -332,18 +336,18 @@ def _query_images(context: _StepContext, source_raw, target_raw):
 def _pulling_loss(context, student_output, teacher_output, num_student_groups, source_labels):
     """The pulling loss (before lambda) from the student's query pass and the teacher's key passes."""
     config = context.config
-    queries_by_pass = _split_groups(student_output.projection, num_student_groups)
+    queries_by_pass = unstack_passes(student_output.projection, num_student_groups)
     # 'source' queries reuse the source pass; otherwise the last student pass holds the queries.
     queries = queries_by_pass[0] if config.pull.query_domain == "source" else queries_by_pass[-1]
     feature_hw = queries.shape[1:3]
     source_labels_grid = pulling.downsample_labels_nearest(source_labels, feature_hw)
 
     teacher_groups = 1 if config.method == "dg" else 2  # (source) or (target, source)
-    source_keys = _split_groups(teacher_output.projection, teacher_groups)[-1]
+    source_keys = unstack_passes(teacher_output.projection, teacher_groups)[-1]
     target_keys = target_labels = target_confidence = None
     if config.method != "dg":
-        target_keys = _split_groups(teacher_output.projection, teacher_groups)[0]
-        target_logits = _split_groups(teacher_output.logits, teacher_groups)[0]
+        target_keys = unstack_passes(teacher_output.projection, teacher_groups)[0]
+        target_logits = unstack_passes(teacher_output.logits, teacher_groups)[0]
         probabilities = jax.nn.softmax(target_logits.astype(jnp.float32), axis=-1)
         target_labels = pulling.downsample_labels_nearest(jnp.argmax(probabilities, -1), feature_hw)
         target_confidence = pulling.downsample_labels_nearest(jnp.max(probabilities, -1), feature_hw)

@@ -80,6 +80,24 @@ def create_train_state(
     return graphdef, state, imagenet_params, optimizer
 
 
+def jit_train_step(
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    optimizer: Any,
+    mesh: jax.sharding.Mesh,
+    num_steps: int,
+):
+    """The step of `config.method` jitted for `mesh`: state and ImageNet parameters replicated,
+    the batch sharded on 'data', the incoming state donated (updated in place). The loop and
+    `t2s_jax.bench` share it, so the benchmark times exactly the step that trains."""
+    return jax.jit(
+        steps.make_train_step(config, graphdef, optimizer, num_steps, mesh),
+        in_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh), parallel.replicated(mesh)),
+        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
 # ---------------------------------------------------------------------------- data feeding
 
 
@@ -183,12 +201,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config.method`, resuming from `workdir` when it holds a checkpoint."""
     os.makedirs(workdir, exist_ok=True)
     num_steps = config.train.num_steps
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(config.num_devices)
     logging.info("mesh %s over %d devices, %d processes", mesh.shape, jax.device_count(), jax.process_count())
-    if config.data.batch_size % jax.device_count():
+    if config.data.batch_size % mesh.size:
         raise ValueError(
             f"config.data.batch_size={config.data.batch_size} must be divisible by the "
-            f"{jax.device_count()} devices (one global batch sharded on the data axis)"
+            f"{mesh.size} devices (one global batch sharded on the data axis)"
         )
     data.ensure_prepared(config.data.source, config.data.data_dir)
     if config.data.target:
@@ -208,12 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("resumed at step %d", int(state.step))
     start_step = int(state.step)
 
-    train_step = jax.jit(
-        steps.make_train_step(config, graphdef, optimizer, num_steps),
-        in_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh), parallel.replicated(mesh)),
-        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    train_step = jit_train_step(config, graphdef, optimizer, mesh, num_steps)
     run_eval = _eval_setup(config, graphdef, mesh)
     writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0)
     if start_step == 0 and jax.process_index() == 0:
@@ -290,7 +303,7 @@ def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None, pretrained: str = ""
 ) -> dict:
     """Evaluates a run checkpoint of `workdir` (latest or `step`) or an imported pretrained model."""
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(config.num_devices)
     data.ensure_prepared(config.data.eval_dataset, config.data.data_dir)
     if pretrained:
         from t2s_jax.models import from_hf_pretrained

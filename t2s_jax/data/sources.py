@@ -1,0 +1,95 @@
+"""Prepared datasets: locating them, building the synthetic pair on demand, reading splits.
+
+Dataset names are those of the configs and of `python -m data_pipelines.prepare`:
+gta5, synthia, cityscapes, image_folder[/<name>], synthetic_city/{source,target}[_<H>x<W>],
+stored under `data_dir` by the TFDS builders of `data_pipelines.builders`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipelines import builders
+
+# Split names accepted for one another ('val' is the folder name, 'validation' the TFDS one).
+_SPLIT_ALIASES = {"val": "validation", "validation": "val"}
+
+
+def ensure_prepared(name: str, data_dir: str) -> str:
+    """Path of the prepared `name`; generates synthetic_city/* when missing.
+
+    Raises FileNotFoundError with the preparation command for a missing real dataset.
+    Processes sharing a `data_dir` may call it at once: the synthetic data is deterministic
+    and TFDS moves a finished dataset into place in one rename.
+    """
+    path = builders.prepared_dir(name, data_dir)
+    if (path / "dataset_info.json").exists():
+        return str(path)
+    if name.partition("/")[0] == "synthetic_city":
+        tfds.disable_progress_bar()
+        try:
+            builders.make_builder(name, data_dir).download_and_prepare()
+        except OSError:
+            # Another process on the same data_dir finished first (its rename won the race).
+            if not (path / "dataset_info.json").exists():
+                raise
+        return str(path)
+    raise FileNotFoundError(
+        f"dataset {name!r} is not prepared under {data_dir!r} (no {path}). Prepare it once with:\n"
+        f"  python -m data_pipelines.prepare --dataset={name} --manual_dir=<the downloaded {name}> "
+        f"--data_dir={data_dir}"
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    return tfds.builder_from_directory(ensure_prepared(name, data_dir))
+
+
+def _split_name(builder: tfds.core.DatasetBuilder, name: str, split: str) -> str:
+    if split in builder.info.splits:
+        return split
+    if _SPLIT_ALIASES.get(split) in builder.info.splits:
+        return _SPLIT_ALIASES[split]
+    raise ValueError(f"dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split of a prepared dataset: random access to its examples plus its statistics."""
+
+    name: str
+    source: tfds.data_sources.ArrayRecordDataSource  # [i] -> {'image', 'label', 'file_name'}
+    class_names: tuple[str, ...]
+    class_pixels: np.ndarray  # (K,) labelled pixels per class over the split
+    class_examples: tuple[np.ndarray, ...]  # per class: (n, 2) [example index, pixels of the class]
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def open_split(name: str, split: str, data_dir: str) -> Split:
+    builder = _builder(name, data_dir)
+    split = _split_name(builder, name, split)
+    stats = builder.info.metadata["splits"][split]
+    return Split(
+        name=f"{name}[{split}]",
+        source=builder.as_data_source(split),
+        class_names=tuple(builder.info.metadata["class_names"]),
+        class_pixels=np.asarray(stats["class_pixels"], np.int64),
+        class_examples=tuple(np.asarray(e, np.int64).reshape(-1, 2) for e in stats["class_examples"]),
+    )
+
+
+def class_names(name: str, data_dir: str) -> tuple[str, ...]:
+    """Class names of a prepared dataset, in train-id order."""
+    return tuple(_builder(name, data_dir).info.metadata["class_names"])
+
+
+def num_examples(name: str, split: str, data_dir: str) -> int:
+    builder = _builder(name, data_dir)
+    return builder.info.splits[_split_name(builder, name, split)].num_examples

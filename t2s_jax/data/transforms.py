@@ -1,0 +1,113 @@
+"""Host-side transforms of one example (method.md section 2), NumPy and PIL only.
+
+Images are (H, W, 3) uint8, labels (H, W) uint8 train ids with 255 = ignore. Random
+choices come from the `np.random.Generator` grain hands each element, so every
+transform is a pure function of (example, rng).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from data_pipelines.convert import resize_nearest
+from t2s_jax.classes import IGNORE_INDEX
+
+
+def fit_size(hw: tuple[int, int], max_hw: tuple[int, int]) -> tuple[int, int]:
+    """Size of `hw` scaled to fit inside `max_hw`, keeping the aspect ratio.
+
+    Rounds like mmcv: int(x * s + 0.5), so GTA5's 1052x1914 fits (720, 1280) as 704x1280.
+    """
+    scale = min(max_hw[0] / hw[0], max_hw[1] / hw[1])
+    return int(hw[0] * scale + 0.5), int(hw[1] * scale + 0.5)
+
+
+def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize (PIL: antialiased when shrinking)."""
+    if image.shape[:2] == tuple(hw):
+        return image
+    return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BILINEAR))
+
+
+def resize_label(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    if label.shape == tuple(hw):
+        return label
+    return resize_nearest(label, hw)
+
+
+def pad_to(image: np.ndarray, label: np.ndarray, min_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Pads bottom/right up to `min_hw`: image with 0, label with ignore (as mmseg's Pad)."""
+    pad_h, pad_w = max(min_hw[0] - label.shape[0], 0), max(min_hw[1] - label.shape[1], 0)
+    if pad_h == 0 and pad_w == 0:
+        return image, label
+    image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
+    label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+    return image, label
+
+
+def random_offset(rng: np.random.Generator, hw: tuple[int, int], crop_hw: tuple[int, int]) -> tuple[int, int]:
+    """Uniform top-left corner of a `crop_hw` window inside `hw` (which is at least crop_hw)."""
+    return int(rng.integers(0, hw[0] - crop_hw[0] + 1)), int(rng.integers(0, hw[1] - crop_hw[1] + 1))
+
+
+def _crop(array: np.ndarray, offset: tuple[int, int], crop_hw: tuple[int, int]) -> np.ndarray:
+    return array[offset[0] : offset[0] + crop_hw[0], offset[1] : offset[1] + crop_hw[1]]
+
+
+def _class_counts(label: np.ndarray) -> np.ndarray:
+    return np.bincount(label.ravel(), minlength=256)
+
+
+def cat_max_ratio_offset(
+    rng: np.random.Generator,
+    label: np.ndarray,
+    crop_hw: tuple[int, int],
+    cat_max_ratio: float,
+    retries: int,
+) -> tuple[int, int]:
+    """mmseg RandomCrop: redraw up to `retries` times until the crop holds more than one
+    non-ignore class and the largest covers < cat_max_ratio of them; keeps the last draw."""
+    offset = random_offset(rng, label.shape, crop_hw)
+    if cat_max_ratio >= 1.0:
+        return offset
+    for _ in range(retries):
+        counts = _class_counts(_crop(label, offset, crop_hw))[:IGNORE_INDEX]
+        present = counts[counts > 0]
+        if len(present) > 1 and present.max() / present.sum() < cat_max_ratio:
+            break
+        offset = random_offset(rng, label.shape, crop_hw)
+    return offset
+
+
+def rare_class_offset(
+    rng: np.random.Generator,
+    label: np.ndarray,
+    crop_hw: tuple[int, int],
+    rare_class: int,
+    min_crop_pixels: int,
+    cat_max_ratio: float,
+    retries: int,
+) -> tuple[int, int]:
+    """DAFormer RCS: redraw the (cat_max_ratio) crop up to `retries` times until it holds
+    more than `min_crop_pixels` pixels of `rare_class`; keeps the last draw."""
+    offset = cat_max_ratio_offset(rng, label, crop_hw, cat_max_ratio, retries)
+    for _ in range(retries):
+        if np.count_nonzero(_crop(label, offset, crop_hw) == rare_class) > min_crop_pixels:
+            break
+        offset = cat_max_ratio_offset(rng, label, crop_hw, cat_max_ratio, retries)
+    return offset
+
+
+def crop_and_flip(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    label: np.ndarray,
+    offset: tuple[int, int],
+    crop_hw: tuple[int, int],
+    flip_prob: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    image, label = _crop(image, offset, crop_hw), _crop(label, offset, crop_hw)
+    if rng.random() < flip_prob:
+        image, label = image[:, ::-1], label[:, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(label)

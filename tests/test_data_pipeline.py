@@ -1,0 +1,278 @@
+"""The grain pipeline: determinism, sharding, resuming, aligned crops, rare class sampling, evaluation."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines import prepare
+from t2s_jax import data
+from t2s_jax.config import default_config
+from t2s_jax.data import rcs, transforms
+
+HW = (40, 56)
+NUM_TRAIN, NUM_VAL = 12, 7
+
+
+def coordinate_example(index: int):
+    """Pixels encode (row, column, example index); the label is a function of all three."""
+    rows, cols = np.mgrid[0 : HW[0], 0 : HW[1]]
+    image = np.stack([rows, cols, np.full(HW, index)], -1).astype(np.uint8)
+    return image, label_of(image)
+
+
+def label_of(image: np.ndarray) -> np.ndarray:
+    rows, cols, index = (image[..., k].astype(np.int64) for k in range(3))
+    return ((rows // 8 + cols // 8 + index) % 19).astype(np.uint8)
+
+
+def write_folder(root, classes, splits):
+    """An image_folder manual dir: splits = {split: [(image, label), ...]}."""
+    os.makedirs(root)
+    with open(f"{root}/classes.txt", "w") as f:
+        f.write("\n".join(classes))
+    for split, examples in splits.items():
+        for kind in ("images", "labels"):
+            os.makedirs(f"{root}/{kind}/{split}")
+        for i, (image, label) in enumerate(examples):
+            Image.fromarray(image).save(f"{root}/images/{split}/{i:03d}.png")
+            Image.fromarray(label).save(f"{root}/labels/{split}/{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    classes = [f"class{c}" for c in range(19)]
+    write_folder(f"{root}/coords", classes, {
+        "train": [coordinate_example(i) for i in range(NUM_TRAIN)],
+        "val": [coordinate_example(100 + i) for i in range(NUM_VAL)],
+    })  # fmt: skip
+    # Class 0 everywhere, class 1 in the right half; class 2 (rare) only as an 8x8 block in 2 of 20.
+    rare = []
+    for i in range(20):
+        label = np.zeros((32, 32), np.uint8)
+        label[:, 16:] = 1
+        if i in (4, 13):
+            label[20:28, 4:12] = 2
+        rare.append((np.full((32, 32, 3), i, np.uint8), label))
+    write_folder(f"{root}/rare", classes[:3], {"train": rare})
+    for name in ("coords", "rare"):
+        prepare.prepare(f"image_folder/{name}", f"{root}/tfds", f"{root}/{name}")
+    return f"{root}/tfds"
+
+
+def config_for(data_dir, **overrides):
+    config = default_config().data
+    config.data_dir = data_dir
+    config.source = config.target = config.eval_dataset = "image_folder/coords"
+    config.eval_split = "val"
+    config.source_resize_hw = config.target_resize_hw = HW
+    config.crop_hw = (24, 32)
+    config.rcs.enabled = False
+    config.batch_size = 4
+    config.num_workers = 0
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_batch_contract(data_dir):
+    batch = next(data.make_train_iterator(config_for(data_dir), seed=0, process_index=0, process_count=2))
+    shapes = {k: (v.shape, v.dtype) for k, v in batch.items()}
+    assert shapes == {
+        "source_image": ((2, 24, 32, 3), np.uint8), "source_label": ((2, 24, 32), np.uint8),
+        "target_image": ((2, 24, 32, 3), np.uint8), "target_label": ((2, 24, 32), np.uint8),
+    }  # fmt: skip
+    no_target = config_for(data_dir, target="")
+    assert set(next(data.make_train_iterator(no_target, seed=0, process_index=0, process_count=1))) == {
+        "source_image",
+        "source_label",
+    }
+    with pytest.raises(ValueError, match="batch_size=4 is not divisible by 3"):
+        data.make_train_iterator(config_for(data_dir), seed=0, process_index=0, process_count=3)
+
+
+def test_same_seed_same_batches(data_dir):
+    config = config_for(data_dir)
+    first = take(data.make_train_iterator(config, seed=3, process_index=0, process_count=1), 4)
+    assert_same_batches(
+        first, take(data.make_train_iterator(config, seed=3, process_index=0, process_count=1), 4)
+    )
+    other = take(data.make_train_iterator(config, seed=4, process_index=0, process_count=1), 4)
+    assert any(not np.array_equal(a["source_image"], b["source_image"]) for a, b in zip(first, other))
+
+
+def test_processes_get_disjoint_shards_covering_each_epoch(data_dir):
+    config = config_for(data_dir)
+    batches_per_epoch = NUM_TRAIN // 2 // 2  # 6 examples per process, 2 per batch
+    seen = []
+    for process in range(2):
+        batches = take(
+            data.make_train_iterator(config, seed=0, process_index=process, process_count=2),
+            2 * batches_per_epoch,
+        )
+        ids = [int(image[0, 0, 2]) for batch in batches for image in batch["source_image"]]
+        first, second = ids[: 2 * batches_per_epoch], ids[2 * batches_per_epoch :]
+        assert sorted(first) != first or sorted(second) != second  # shuffled
+        assert first != second  # reshuffled per epoch
+        seen.append((set(first), set(second)))
+    for epoch in range(2):
+        shard0, shard1 = seen[0][epoch], seen[1][epoch]
+        assert not shard0 & shard1
+        assert shard0 | shard1 == set(range(NUM_TRAIN))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restored_iterator_continues_exactly(data_dir, workers):
+    config = config_for(data_dir, num_workers=workers)
+    iterator = data.make_train_iterator(config, seed=1, process_index=0, process_count=1)
+    take(iterator, 5)
+    state = iterator.get_state()
+    expected = take(iterator, 4)
+    restored = data.make_train_iterator(config, seed=1, process_index=0, process_count=1)
+    restored.set_state(state)
+    assert_same_batches(take(restored, 4), expected)
+    if workers:  # workers only change where batches are computed, not what they hold
+        in_process = data.make_train_iterator(config_for(data_dir), seed=1, process_index=0, process_count=1)
+        take(in_process, 5)
+        assert_same_batches(take(in_process, 4), expected)
+
+
+def test_crops_stay_aligned_and_flip_together(data_dir):
+    config = config_for(data_dir, flip_prob=0.5, cat_max_ratio=0.75)
+    flips = 0
+    for batch in take(data.make_train_iterator(config, seed=2, process_index=0, process_count=1), 10):
+        for domain in ("source", "target"):
+            for image, label in zip(batch[f"{domain}_image"], batch[f"{domain}_label"]):
+                np.testing.assert_array_equal(label, label_of(image))
+                rows, cols = image[..., 0].astype(int), image[..., 1].astype(int)
+                assert (np.diff(rows, axis=0) == 1).all() and (np.diff(rows, axis=1) == 0).all()
+                step = np.diff(cols, axis=1)
+                assert (step == 1).all() or (step == -1).all()
+                flips += int(step[0, 0] == -1)
+    assert 0 < flips < 80
+
+
+def test_rare_class_sampling_raises_the_share_of_rare_crops(data_dir):
+    def rare_share(enabled):
+        config = config_for(data_dir, crop_hw=(16, 16), batch_size=8, target="")
+        config.source = "image_folder/rare"
+        config.source_resize_hw = (32, 32)
+        config.rcs.enabled = enabled
+        config.rcs.min_pixels = 10
+        config.rcs.min_crop_pixels = 5
+        batches = take(data.make_train_iterator(config, seed=0, process_index=0, process_count=1), 8)
+        labels = np.concatenate([b["source_label"] for b in batches])
+        return np.mean([(label == 2).any() for label in labels])
+
+    uniform, rare = rare_share(False), rare_share(True)
+    assert uniform < 0.2
+    assert rare > 0.8
+
+
+def test_rare_class_probabilities_follow_the_softmax():
+    class_pixels = np.array([900, 90, 10, 0])
+    examples = (
+        np.array([[0, 500], [1, 400]]),
+        np.array([[0, 90]]),
+        np.array([[1, 6], [2, 4]]),
+        np.zeros((0, 2), int),
+    )
+    sampler = rcs.make_rare_class_sampler(class_pixels, examples, temperature=0.05, min_pixels=5)
+    frequency = class_pixels[:3] / 1000
+    expected = np.exp((1 - frequency) / 0.05) / np.exp((1 - frequency) / 0.05).sum()
+    np.testing.assert_array_equal(sampler.classes, [0, 1, 2])
+    np.testing.assert_allclose(sampler.probabilities, expected)
+    np.testing.assert_array_equal(sampler.candidates[2], [1])  # 4 pixels are not > 5
+    draws = [sampler.draw(np.random.default_rng(i)) for i in range(400)]
+    assert all(index == 1 for cls, index in draws if cls == 2)
+    np.testing.assert_allclose(np.bincount([c for c, _ in draws], minlength=3) / 400, expected, atol=0.06)
+
+
+@pytest.mark.parametrize("max_examples, expected", [(0, NUM_VAL), (5, 5)])
+def test_eval_yields_each_image_once_over_two_processes(data_dir, max_examples, expected):
+    config = config_for(data_dir, eval_batch_size=4, eval_resize_hw=(20, 40), max_eval_examples=max_examples)
+    assert data.num_eval_examples(config) == expected
+    ids, batch_counts = [], []
+    for process in range(2):
+        batches = list(data.make_eval_iterator(config, process_index=process, process_count=2))
+        batch_counts.append(len(batches))
+        for batch in batches:
+            assert batch["image"].shape == (2, 20, 28, 3)  # 40x56 fit into 20x40 keeps the ratio
+            assert batch["label"].shape == (2, *HW) and batch["valid"].dtype == bool
+            for image, label, valid in zip(batch["image"], batch["label"], batch["valid"]):
+                if valid:
+                    ids.append(int(image[0, 0, 2]) - 100)
+                    np.testing.assert_array_equal(label, coordinate_example(ids[-1] + 100)[1])
+                else:
+                    assert (label == 255).all()
+    assert batch_counts[0] == batch_counts[1]
+    assert sorted(ids) == list(range(expected))
+
+
+def test_class_names_come_from_the_dataset(data_dir):
+    assert data.class_names("image_folder/rare", data_dir) == ("class0", "class1", "class2")
+
+
+# ------------------------------------------------------------------------ host transforms
+
+
+@pytest.mark.parametrize(
+    "hw, max_hw, expected",
+    [((1052, 1914), (720, 1280), (704, 1280)), ((1024, 2048), (512, 1024), (512, 1024)),
+     ((760, 1280), (760, 1280), (760, 1280)), ((100, 50), (64, 64), (64, 32))],
+)  # fmt: skip
+def test_fit_size_keeps_the_ratio_with_mmcv_rounding(hw, max_hw, expected):
+    assert transforms.fit_size(hw, max_hw) == expected
+
+
+def test_cat_max_ratio_redraws_until_the_crop_is_mixed():
+    label = np.zeros((10, 100), np.uint8)
+    label[:, 90:] = 1  # only crops reaching column 90 hold two classes
+    crop = (10, 20)
+
+    def good(offset):
+        counts = np.bincount(label[:, offset[1] : offset[1] + 20].ravel(), minlength=2)
+        return counts.min() > 0 and counts.max() / counts.sum() < 0.75
+
+    rng_draws = [
+        transforms.cat_max_ratio_offset(np.random.default_rng(s), label, crop, 0.75, 50) for s in range(20)
+    ]
+    assert all(good(offset) for offset in rng_draws)
+    first = [
+        transforms.cat_max_ratio_offset(np.random.default_rng(s), label, crop, 0.75, 0) for s in range(20)
+    ]
+    assert not all(good(offset) for offset in first)  # no retries: the first draw is kept
+
+
+def test_small_images_are_padded_with_ignore():
+    image, label = np.ones((3, 4, 3), np.uint8), np.zeros((3, 4), np.uint8)
+    padded_image, padded_label = transforms.pad_to(image, label, (5, 4))
+    assert padded_image.shape == (5, 4, 3) and (padded_image[3:] == 0).all()
+    assert (padded_label[3:] == 255).all() and (padded_label[:3] == 0).all()
+
+
+# ------------------------------------------------------------------------ preparation on demand
+
+
+def test_ensure_prepared_builds_synthetic_and_names_the_command_for_real_data(tmp_path):
+    path = data.ensure_prepared("synthetic_city/source_16x32", str(tmp_path))
+    assert os.path.exists(f"{path}/dataset_info.json")
+    assert data.class_names("synthetic_city/source_16x32", str(tmp_path))[10] == "sky"
+    with pytest.raises(
+        FileNotFoundError, match="python -m data_pipelines.prepare --dataset=gta5 --manual_dir="
+    ):
+        data.ensure_prepared("gta5", str(tmp_path))

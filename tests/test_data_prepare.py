@@ -1,0 +1,385 @@
+"""Offline preparation: every published layout, every bad case, every mapped pixel, the report."""
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from data_pipelines import builders, png16, prepare
+from t2s_jax.classes import CITYSCAPES_CLASSES
+
+# method.md section 1, typed again here so the test does not share the code's tables.
+GTA5_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+                 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # fmt: skip
+SYNTHIA_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12,
+                    8: 13, 19: 15, 12: 17, 11: 18}  # fmt: skip
+
+
+def expected_train_ids(raw: np.ndarray, table: dict) -> np.ndarray:
+    out = np.full(raw.shape, 255, np.uint8)
+    for (i, j), value in np.ndenumerate(raw):
+        out[i, j] = table.get(int(value), 255)
+    return out
+
+
+def nearest(label: np.ndarray, hw) -> np.ndarray:
+    out = np.empty(hw, label.dtype)
+    for i in range(hw[0]):
+        for j in range(hw[1]):
+            out[i, j] = label[
+                int((i + 0.5) * label.shape[0] / hw[0]), int((j + 0.5) * label.shape[1] / hw[1])
+            ]
+    return out
+
+
+def save_png(path, array, mode=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image = Image.fromarray(array, mode) if mode else Image.fromarray(array)
+    if mode == "P":
+        image.putpalette(list(np.random.default_rng(0).integers(0, 256, 768)))
+    image.save(path)
+
+
+def png_bytes(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_png_with_filters(array: np.ndarray) -> bytes:
+    """Reference PNG writer (uint8 or uint16 samples) that cycles through all 5 row filters."""
+    height, width, channels = array.shape
+    depth = 16 if array.dtype == np.uint16 else 8
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    raw = array.astype(">u2" if depth == 16 else np.uint8).tobytes()
+    stride, bpp = width * channels * depth // 8, channels * depth // 8
+    rows, previous = [], [0] * stride
+    for r in range(height):
+        current = list(raw[r * stride : (r + 1) * stride])
+        kind = r % 5
+        filtered = []
+        for i, x in enumerate(current):
+            a = current[i - bpp] if i >= bpp else 0
+            b = previous[i]
+            c = previous[i - bpp] if i >= bpp else 0
+            if kind == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                predictor = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            else:
+                predictor = (0, a, b, (a + b) // 2)[kind]
+            filtered.append((x - predictor) % 256)
+        rows.append(bytes([kind] + filtered))
+        previous = current
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows)))
+            + chunk(b"IEND", b""))  # fmt: skip
+
+
+def read_split(data_dir, dataset, split):
+    builder = tfds.builder_from_directory(os.fspath(builders.prepared_dir(dataset, data_dir)))
+    source = builder.as_data_source(split)
+    return {source[i]["file_name"].decode(): source[i] for i in range(len(source))}, builder.info.metadata
+
+
+# ------------------------------------------------------------------------ the 16-bit PNG reader
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_reader_undoes_every_filter(channels, dtype):
+    rng = np.random.default_rng(channels)
+    array = rng.integers(0, np.iinfo(dtype).max + 1, size=(11, 7, channels)).astype(dtype)
+    array[3:6] = array[2]  # flat rows, as in label maps
+    decoded = png16.decode_png(encode_png_with_filters(array))
+    assert decoded.dtype == dtype
+    np.testing.assert_array_equal(decoded, array)
+
+
+def test_png_reader_matches_pil_on_8bit_rgb():
+    rng = np.random.default_rng(1)
+    array = np.cumsum(rng.integers(0, 3, size=(40, 60, 3)), axis=1).astype(
+        np.uint8
+    )  # PIL picks varied filters
+    np.testing.assert_array_equal(png16.decode_png(png_bytes(array)), array)
+
+
+def test_png_reader_rejects_damaged_files():
+    data = encode_png_with_filters(np.zeros((4, 4, 3), np.uint16))
+    with pytest.raises(png16.PngError, match="truncated"):
+        png16.decode_png(data[: len(data) // 2])
+    corrupt = bytearray(data)
+    corrupt[45] ^= 0xFF  # inside the IDAT body
+    with pytest.raises(png16.PngError, match="checksum"):
+        png16.decode_png(bytes(corrupt))
+    with pytest.raises(png16.PngError, match="signature"):
+        png16.decode_png(b"GIF89a" + data)
+
+
+# ------------------------------------------------------------------------ GTA5
+
+
+def write_gta5_tree(root):
+    rng = np.random.default_rng(0)
+    ids = np.array(list(range(34)), np.uint8)
+    truth = {}
+    for i in range(3):  # good pairs, palette labels like the published ones
+        image = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        raw = rng.choice(ids, size=(6, 8)).astype(np.uint8)
+        save_png(f"{root}/images/{i:05d}.png", image)
+        save_png(f"{root}/labels/{i:05d}.png", raw, "P")
+        truth[f"images/{i:05d}.png"] = (image, expected_train_ids(raw, GTA5_TO_TRAIN))
+    save_png(f"{root}/images/00003.png", rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))  # no label
+    save_png(f"{root}/labels/00004.png", np.zeros((6, 8), np.uint8))  # no image
+    truncated = png_bytes(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    with open(f"{root}/images/00005.png", "wb") as f:
+        f.write(truncated[: len(truncated) - 30])
+    save_png(f"{root}/labels/00005.png", np.zeros((6, 8), np.uint8))
+    save_png(f"{root}/images/00006.png", rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    with open(f"{root}/labels/00006.png", "wb") as f:
+        f.write(b"not a png at all")
+    image = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)  # label of another size
+    raw = rng.choice(ids, size=(3, 5)).astype(np.uint8)
+    save_png(f"{root}/images/00007.png", image)
+    save_png(f"{root}/labels/00007.png", raw, "P")
+    truth["images/00007.png"] = (image, nearest(expected_train_ids(raw, GTA5_TO_TRAIN), (6, 8)))
+    image = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)  # unknown ids 40 and 200
+    raw = np.full((6, 8), 7, np.uint8)
+    raw[0, :6] = 40
+    raw[5, 5:] = 200
+    save_png(f"{root}/images/00008.png", image)
+    save_png(f"{root}/labels/00008.png", raw)
+    truth["images/00008.png"] = (image, expected_train_ids(raw, GTA5_TO_TRAIN))
+    return truth
+
+
+@pytest.fixture(scope="module")
+def gta5(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gta5")
+    truth = write_gta5_tree(f"{root}/manual")
+    metadata = prepare.prepare("gta5", f"{root}/tfds", f"{root}/manual", num_workers=0)
+    return root, truth, metadata
+
+
+def test_gta5_every_pixel_mapped(gta5):
+    root, truth, _ = gta5
+    examples, _ = read_split(f"{root}/tfds", "gta5", "train")
+    assert list(examples) == sorted(truth)  # sorted file order, bad files left out
+    for name, (image, label) in truth.items():
+        np.testing.assert_array_equal(examples[name]["image"], image, err_msg=name)
+        np.testing.assert_array_equal(examples[name]["label"][..., 0], label, err_msg=name)
+
+
+def test_gta5_report_lines(gta5):
+    root, truth, metadata = gta5
+    text = prepare.format_report("gta5", metadata).splitlines()
+    assert text[:13] == [
+        "gta5 [train]: 5 images written",
+        "  skipped: 4",
+        "    images/00003.png: image without label",
+        "    labels/00004.png: label without image",
+        text[4],
+        text[5],
+        "  label size fixed (nearest resize to the image): 1",
+        "    images/00007.png: label 3x5 -> image 6x8",
+        "  unknown label ids mapped to 255: 1",
+        "    images/00008.png: id 40: 6 px, id 200: 3 px",
+        "  label histogram (pixels, share):",
+        text[11],
+        text[12],
+    ]
+    assert text[4].startswith("    images/00005.png: unreadable image (OSError: image file is truncated")
+    assert text[5].startswith(
+        "    images/00006.png: unreadable label (UnidentifiedImageError: cannot identify"
+    )
+    labels = np.stack([label for _, label in truth.values()])
+    counts = np.bincount(labels.ravel(), minlength=256)
+    total = labels.size
+    histogram = text[11:]
+    assert len(histogram) == 20
+    for line, name, count in zip(histogram, list(CITYSCAPES_CLASSES) + ["ignore (255)"],
+                                 list(counts[:19]) + [counts[255]]):  # fmt: skip
+        assert line == f"    {name:>16s} {count:>14d} {100 * count / total:7.3f} %"
+
+
+def test_gta5_class_statistics_for_rare_class_sampling(gta5):
+    root, truth, metadata = gta5
+    split = metadata["splits"]["train"]
+    labels = [label for _, (_, label) in sorted(truth.items())]
+    for c in range(19):
+        expected = [[i, int((label == c).sum())] for i, label in enumerate(labels) if (label == c).any()]
+        assert split["class_examples"][c] == expected
+        assert split["class_pixels"][c] == sum(n for _, n in expected)
+    assert split["ignore_pixels"] == sum(int((label == 255).sum()) for label in labels)
+
+
+def test_prepared_data_reads_with_plain_tfds(gta5):
+    root, truth, _ = gta5
+    source = tfds.data_source("gta5", data_dir=f"{root}/tfds", split="train")
+    assert len(source) == len(truth)
+    builder = tfds.builder_from_directory(os.fspath(builders.prepared_dir("gta5", f"{root}/tfds")))
+    assert builder.info.features["label"].shape == (None, None, 1)
+    assert builder.info.metadata["class_names"][0] == "road"
+
+
+def test_parallel_conversion_writes_the_same(gta5, tmp_path):
+    root, _, metadata = gta5
+    parallel = prepare.prepare("gta5", f"{tmp_path}/tfds", f"{root}/manual", num_workers=2)
+    assert parallel == metadata
+    first, _ = read_split(f"{root}/tfds", "gta5", "train")
+    second, _ = read_split(f"{tmp_path}/tfds", "gta5", "train")
+    for name in first:
+        np.testing.assert_array_equal(first[name]["label"], second[name]["label"])
+
+
+def test_prepare_command_line(gta5, tmp_path):
+    root, _, _ = gta5
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipelines.prepare", "--dataset=gta5", f"--manual_dir={root}/manual",
+         f"--data_dir={tmp_path}", "--num_workers=0"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "gta5 [train]: 5 images written" in result.stdout
+    assert "    labels/00004.png: label without image" in result.stdout
+    assert f"prepared: {tmp_path}/gta5/1.0.0" in result.stdout
+
+
+# ------------------------------------------------------------------------ SYNTHIA
+
+
+def test_synthia_16bit_first_channel(tmp_path):
+    rng = np.random.default_rng(1)
+    truth = {}
+    for i in range(2):
+        image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+        gt = np.zeros((5, 7, 3), np.uint16)
+        gt[..., 0] = rng.integers(0, 23, (5, 7))  # class
+        gt[..., 1] = rng.integers(0, 4000, (5, 7))  # instance ids, above 255
+        if i == 1:
+            gt[0, 0, 0] = 300  # unknown 16-bit class id
+        save_png(f"{tmp_path}/manual/RGB/{i:07d}.png", image)
+        os.makedirs(f"{tmp_path}/manual/GT/LABELS", exist_ok=True)
+        with open(f"{tmp_path}/manual/GT/LABELS/{i:07d}.png", "wb") as f:
+            f.write(encode_png_with_filters(gt))
+        truth[f"RGB/{i:07d}.png"] = (image, expected_train_ids(gt[..., 0], SYNTHIA_TO_TRAIN))
+    metadata = prepare.prepare("synthia", f"{tmp_path}/tfds", f"{tmp_path}/manual")
+    examples, _ = read_split(f"{tmp_path}/tfds", "synthia", "train")
+    for name, (image, label) in truth.items():
+        np.testing.assert_array_equal(examples[name]["image"], image)
+        np.testing.assert_array_equal(examples[name]["label"][..., 0], label)
+    assert metadata["splits"]["train"]["unknown_ids"] == [["RGB/0000001.png", {"300": 1}]]
+    # SYNTHIA's terrain (16), truck (18) and train (20) are ignored.
+    assert metadata["splits"]["train"]["class_pixels"][9] == 0
+
+
+# ------------------------------------------------------------------------ Cityscapes
+
+
+def test_cityscapes_train_ids_and_label_ids(tmp_path):
+    rng = np.random.default_rng(2)
+    root = f"{tmp_path}/manual"
+    truth = {}
+
+    def frame(folder, city, stem, kind):
+        image = rng.integers(0, 256, (4, 8, 3), dtype=np.uint8)
+        save_png(f"{root}/leftImg8bit/{folder}/{city}/{stem}_leftImg8bit.png", image)
+        save_png(f"{root}/gtFine/{folder}/{city}/{stem}_gtFine_color.png", image)  # ignored
+        if kind == "train_ids":
+            label = rng.choice(np.array(list(range(19)) + [255], np.uint8), size=(4, 8))
+            save_png(f"{root}/gtFine/{folder}/{city}/{stem}_gtFine_labelTrainIds.png", label)
+        else:
+            raw = rng.integers(0, 34, (4, 8)).astype(np.uint8)
+            save_png(f"{root}/gtFine/{folder}/{city}/{stem}_gtFine_labelIds.png", raw)
+            label = expected_train_ids(raw, GTA5_TO_TRAIN)
+        truth[f"leftImg8bit/{folder}/{city}/{stem}_leftImg8bit.png"] = (image, label)
+
+    frame("train", "aachen", "aachen_000000_000019", "train_ids")
+    frame("train", "bochum", "bochum_000000_000313", "label_ids")
+    frame("val", "frankfurt", "frankfurt_000000_000294", "label_ids")
+    # Both label files: the train ids win.
+    frame("val", "lindau", "lindau_000000_000019", "train_ids")
+    save_png(f"{root}/gtFine/val/lindau/lindau_000000_000019_gtFine_labelIds.png", np.zeros((4, 8), np.uint8))
+    save_png(f"{root}/gtFine/val/lindau/lindau_000001_000019_gtFine_labelIds.png", np.zeros((4, 8), np.uint8))
+
+    metadata = prepare.prepare("cityscapes", f"{tmp_path}/tfds", root)
+    for split, count in (("train", 2), ("validation", 2)):
+        examples, _ = read_split(f"{tmp_path}/tfds", "cityscapes", split)
+        assert len(examples) == count
+        for name, example in examples.items():
+            image, label = truth[name]
+            np.testing.assert_array_equal(example["image"], image)
+            np.testing.assert_array_equal(example["label"][..., 0], label)
+    assert metadata["splits"]["validation"]["skipped"] == [
+        ["gtFine/val/lindau/lindau_000001_000019_gtFine_labelIds.png", "label without image"]
+    ]
+
+
+# ------------------------------------------------------------------------ image folder
+
+
+def test_image_folder_with_jpeg_and_own_classes(tmp_path):
+    root = f"{tmp_path}/manual"
+    os.makedirs(root)
+    with open(f"{root}/classes.txt", "w") as f:
+        f.write("background\nfield\n\nrobot\n")
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    os.makedirs(f"{root}/images/train")
+    Image.fromarray(image).save(f"{root}/images/train/a.jpg", quality=95)
+    label = rng.choice(np.array([0, 1, 2, 255, 7], np.uint8), size=(8, 8))
+    save_png(f"{root}/labels/train/a.png", label)
+    save_png(f"{root}/images/val/b.png", image)
+    save_png(f"{root}/labels/val/b.png", np.ones((8, 8), np.uint8))
+    metadata = prepare.prepare("image_folder/robots", f"{tmp_path}/tfds", root)
+    assert metadata["class_names"] == ["background", "field", "robot"]
+    examples, _ = read_split(f"{tmp_path}/tfds", "image_folder/robots", "train")
+    expected_label = np.where(label == 7, 255, label)
+    np.testing.assert_array_equal(examples["images/train/a.jpg"]["label"][..., 0], expected_label)
+    np.testing.assert_array_equal(
+        examples["images/train/a.jpg"]["image"], np.asarray(Image.open(f"{root}/images/train/a.jpg"))
+    )
+    assert metadata["splits"]["train"]["unknown_ids"] == [
+        ["images/train/a.jpg", {"7": int((label == 7).sum())}]
+    ]
+    assert set(metadata["splits"]) == {"train", "validation"}
+
+
+# ------------------------------------------------------------------------ wrong layouts fail at once
+
+
+@pytest.mark.parametrize(
+    "dataset, make, expected",
+    [
+        ("gta5", ["imgs/0.png"], "missing images, labels/.*images/00001.png"),
+        ("synthia", ["RGB/0.png", "GT/COLOR/0.png"], "missing GT/LABELS/.*16-bit PNG"),
+        ("cityscapes", ["leftImg8bit/train/x/a_leftImg8bit.png"], "missing gtFine/.*labelTrainIds"),
+        ("cityscapes", ["leftImg8bit/test/x/a.png", "gtFine/test/x/a.png"], "neither train/ nor val/"),
+        (
+            "image_folder",
+            ["images/train/a.png", "labels/train/a.png"],
+            "no classes.txt.*one class name per line",
+        ),
+    ],
+)
+def test_wrong_layout_names_the_expected_one(tmp_path, dataset, make, expected):
+    for relative in make:
+        save_png(f"{tmp_path}/manual/{relative}", np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(builders.LayoutError, match=f"(?s){expected}"):
+        prepare.prepare(dataset, f"{tmp_path}/tfds", f"{tmp_path}/manual")
+    assert not os.path.exists(builders.prepared_dir(dataset, f"{tmp_path}/tfds"))
+
+
+def test_missing_manual_dir_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--manual_dir is required"):
+        prepare.prepare("gta5", f"{tmp_path}/tfds", None)
