@@ -12,6 +12,7 @@ from t2s_jax.config import default_config, mit_config
 def get_config():
     config = default_config()
     config.compare_methods = ("source_only", "daformer", "t2s")
+    config.compare_seeds = ()  # e.g. (0, 1, 2): every method once per seed, mean +- std reported
 
     config.model.encoder = mit_config(
         "b0", embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)

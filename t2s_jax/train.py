@@ -331,35 +331,52 @@ def evaluate_checkpoint(
 # ---------------------------------------------------------------------------- several methods
 
 
-def train_methods(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
-    """Trains each of `config.compare_methods` in `<workdir>/<method>` and prints them side by side."""
-    results = {}
+def train_methods(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict]]:
+    """Trains each of `config.compare_methods` for each seed of `config.compare_seeds` (default:
+    `config.seed`) in `<workdir>/<method>[/seed_<k>]` and prints their mIoU side by side."""
+    seeds = tuple(config.get("compare_seeds") or (config.seed,))
+    results: dict[str, list[dict]] = {}
     for method in config.compare_methods:
-        run_config = ml_collections.ConfigDict(config.to_dict())
-        run_config.method = method
-        results[method] = train_and_evaluate(run_config, os.path.join(workdir, method))
+        for seed in seeds:
+            run_config = ml_collections.ConfigDict(config.to_dict())
+            run_config.method = method
+            run_config.seed = seed
+            run_dir = os.path.join(workdir, method) if len(seeds) == 1 else os.path.join(workdir, method, f"seed_{seed}")
+            results.setdefault(method, []).append(train_and_evaluate(run_config, run_dir))
     table = comparison_table(results)
     print(table, flush=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "comparison.md"), "w") as f:
             f.write(table + "\n")
         with open(os.path.join(workdir, "comparison.json"), "w") as f:
-            json.dump({m: {"miou": float(s["miou"]), "per_class_iou": [float(x) for x in s["per_class_iou"]]}
-                       for m, s in results.items()}, f, indent=2)
+            json.dump(
+                {
+                    method: [{"seed": seed, "miou": float(s["miou"]),
+                              "per_class_iou": [float(x) for x in s["per_class_iou"]]}
+                             for seed, s in zip(seeds, summaries)]
+                    for method, summaries in results.items()
+                },
+                f,
+                indent=2,
+            )
     return results
 
 
-def comparison_table(results: dict[str, dict]) -> str:
-    """Per-class IoU and mIoU of several runs, one column per method (markdown)."""
+def comparison_table(results: dict[str, list[dict]]) -> str:
+    """Per-class IoU and mIoU (%) of several methods, one column each; mean +- std over seeds."""
     methods = list(results)
     lines = ["| class | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for index, name in enumerate(CITYSCAPES_CLASSES):
-        cells = [_percent(results[m]["per_class_iou"][index]) for m in methods]
+        cells = [_mean_std([s["per_class_iou"][index] for s in results[m]]) for m in methods]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("| **mIoU** | " + " | ".join(f"**{_percent(results[m]['miou'])}**" for m in methods) + " |")
+    cells = [f"**{_mean_std([s['miou'] for s in results[m]])}**" for m in methods]
+    lines.append("| **mIoU** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _percent(value: float) -> str:
-    return "n/a" if np.isnan(value) else f"{100 * value:.1f}"
-
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if not np.isnan(v)]
+    if not values:
+        return "n/a"
+    mean = 100 * float(np.mean(values))
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * float(np.std(values)):.1f}"

@@ -75,7 +75,7 @@ def _main(workdir, data_dir, *extra, popen=False):
     command = [sys.executable, "-m", "t2s_jax.main", f"--workdir={workdir}",
                *tiny.as_flags(data_dir, "t2s", **{"train.num_steps": 6, "train.eval_every": 3,
                                                     "train.checkpoint_every": 3}), *extra]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=tiny.xla_flags(1))
     env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(data_dir, "..", "jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     kwargs = dict(cwd=tiny.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -32,6 +32,12 @@ TINY_OVERRIDES = {
 }
 
 
+def xla_flags(num_devices: int) -> str:
+    """XLA_FLAGS for a child process: `num_devices` fake CPU devices, the suite's compile options."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    return " ".join([f"--xla_force_host_platform_device_count={num_devices}", *flags])
+
+
 def tiny_config(data_dir: str, method: str = "t2s", **overrides) -> ml_collections.ConfigDict:
     config = load_config_file(DEMO_CONFIG)
     config.compare_methods = ()

@@ -1,7 +1,7 @@
 """Input pipeline: prepared datasets, host transforms and the grain iterators.
 
-Images leave the host as uint8 0-255; the device normalises them with IMAGENET_MEAN and
-IMAGENET_STD (RGB, method.md section 2).
+Images leave the host as uint8 0-255 (4x less to transfer than float32); the device
+normalises them (`t2s_jax/uda/normalize.py`, method.md section 2).
 """
 
 from t2s_jax.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX
@@ -13,15 +13,11 @@ from t2s_jax.data.pipeline import (
 )
 from t2s_jax.data.sources import class_names, ensure_prepared
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 __all__ = [
     "CITYSCAPES_CLASSES",
     "CITYSCAPES_PALETTE",
     "IGNORE_INDEX",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "class_names",
     "ensure_prepared",
     "make_eval_iterator",

@@ -1,0 +1,51 @@
+"""MiT encoder, DAFormer / SegFormer heads, T2S-DA projector, segmentor, pretrained-weight import."""
+
+from t2s_jax.models.heads import DAFormerHead, SegFormerHead
+from t2s_jax.models.layers import BatchNorm, stack_passes, unstack_passes
+from t2s_jax.models.mit import MiT, build_encoder
+from t2s_jax.models.projector import Projector
+from t2s_jax.models.segmentor import (
+    Segmentor,
+    SegmentorOutput,
+    build_segmentor,
+    is_encoder_norm_param,
+    is_head_param,
+)
+from t2s_jax.models.weights import (
+    CheckpointError,
+    LoadSummary,
+    count_parameters,
+    from_hf_pretrained,
+    load_hf_pretrained,
+    load_mit_pth,
+    load_pretrained_encoder,
+    maybe_load_pretrained,
+    model_config_from_hf,
+    read_checkpoint,
+)
+
+__all__ = [
+    "BatchNorm",
+    "CheckpointError",
+    "DAFormerHead",
+    "LoadSummary",
+    "MiT",
+    "Projector",
+    "SegFormerHead",
+    "Segmentor",
+    "SegmentorOutput",
+    "build_encoder",
+    "build_segmentor",
+    "count_parameters",
+    "from_hf_pretrained",
+    "load_hf_pretrained",
+    "is_encoder_norm_param",
+    "is_head_param",
+    "load_mit_pth",
+    "load_pretrained_encoder",
+    "maybe_load_pretrained",
+    "model_config_from_hf",
+    "read_checkpoint",
+    "stack_passes",
+    "unstack_passes",
+]

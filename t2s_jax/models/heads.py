@@ -1,0 +1,129 @@
+"""Decode heads on the four MiT stage outputs: DAFormer (separable-ASPP fusion) and SegFormer (all-MLP).
+
+Both return `(logits, fused)`: float32 logits at stride 4 and the fused stride-4 feature
+before dropout (the T2S-DA projector's default input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t2s_jax.models import layers
+
+# mmseg's decode heads initialise the 1x1 classifier with normal(0, 0.01).
+_classifier_init = jax.nn.initializers.normal(stddev=0.01)
+
+
+def _classifier(in_channels: int, num_classes: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    return nnx.Conv(in_channels, num_classes, (1, 1), kernel_init=_classifier_init, dtype=dtype, rngs=rngs)
+
+
+def _embed_and_resize(
+    features: Sequence[jax.Array], embeds: Sequence[nnx.Linear]
+) -> list[jax.Array]:
+    """Per-stage Linear to a common width, then bilinear resize to the stride-4 grid."""
+    size_hw = features[0].shape[1:3]
+    return [layers.resize_bilinear(embed(f), size_hw) for f, embed in zip(features, embeds, strict=True)]
+
+
+class DAFormerHead(nnx.Module):
+    """DAFormer: per-stage Linear (no norm/act), resize to stride 4, concat, separable ASPP, 3x3 fuse.
+
+    Follows lhoyer/DAFormer `DAFormerHead` with `fusion_cfg=dict(type='aspp', sep=True,
+    dilations=(1, *aspp_dilations), pool=False)`: convs followed by BatchNorm have no bias
+    (mmcv `ConvModule(bias='auto')`), the embedding Linears and the classifier have one.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        *,
+        channels: int,
+        num_classes: int,
+        aspp_dilations: Sequence[int],
+        dropout_rate: float,
+        bn_momentum: float,
+        bn_eps: float,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        bn = dict(bn_momentum=bn_momentum, bn_eps=bn_eps, dtype=dtype, rngs=rngs)
+        concat = channels * len(in_channels)
+        self.embed = nnx.List([nnx.Linear(c, channels, dtype=dtype, rngs=rngs) for c in in_channels])
+        self.aspp_1x1 = layers.ConvBNReLU(concat, channels, 1, **bn)
+        self.aspp_depthwise = nnx.List(
+            [layers.ConvBNReLU(concat, concat, 3, dilation=d, groups=concat, **bn) for d in aspp_dilations]
+        )
+        self.aspp_pointwise = nnx.List([layers.ConvBNReLU(concat, channels, 1, **bn) for _ in aspp_dilations])
+        self.bottleneck = layers.ConvBNReLU(channels * (1 + len(aspp_dilations)), channels, 3, **bn)
+        self.classifier = _classifier(channels, num_classes, dtype, rngs)
+        self.dropout_rate = dropout_rate
+
+    def __call__(
+        self,
+        features: Sequence[jax.Array],
+        *,
+        use_batch_stats: bool,
+        num_batch_groups: int = 1,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        bn = dict(use_batch_stats=use_batch_stats, num_batch_groups=num_batch_groups)
+        x = jnp.concatenate(_embed_and_resize(features, self.embed), axis=-1)
+        branches = [self.aspp_1x1(x, **bn)]
+        for depthwise, pointwise in zip(self.aspp_depthwise, self.aspp_pointwise, strict=True):
+            branches.append(pointwise(depthwise(x, **bn), **bn))
+        fused = self.bottleneck(jnp.concatenate(branches, axis=-1), **bn)
+        return _classify(self.classifier, fused, self.dropout_rate, dropout_key), fused
+
+
+class SegFormerHead(nnx.Module):
+    """SegFormer all-MLP head, as Hugging Face `SegformerDecodeHead`.
+
+    Per-stage Linear (`linear_c`), resize to stride 4, concat in reversed stage order (4, 3, 2,
+    1, as the reference does), 1x1 conv without bias + BatchNorm + ReLU (`linear_fuse`),
+    dropout, 1x1 classifier. Dropout drops whole channels (mmseg's `Dropout2d`).
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        *,
+        channels: int,
+        num_classes: int,
+        dropout_rate: float,
+        bn_momentum: float,
+        bn_eps: float,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.linear_c = nnx.List([nnx.Linear(c, channels, dtype=dtype, rngs=rngs) for c in in_channels])
+        self.linear_fuse = layers.ConvBNReLU(
+            channels * len(in_channels), channels, 1, bn_momentum=bn_momentum, bn_eps=bn_eps, dtype=dtype, rngs=rngs
+        )
+        self.classifier = _classifier(channels, num_classes, dtype, rngs)
+        self.dropout_rate = dropout_rate
+
+    def __call__(
+        self,
+        features: Sequence[jax.Array],
+        *,
+        use_batch_stats: bool,
+        num_batch_groups: int = 1,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        embedded = _embed_and_resize(features, self.linear_c)
+        fused = self.linear_fuse(
+            jnp.concatenate(embedded[::-1], axis=-1), use_batch_stats=use_batch_stats, num_batch_groups=num_batch_groups
+        )
+        return _classify(self.classifier, fused, self.dropout_rate, dropout_key), fused
+
+
+def _classify(classifier: nnx.Conv, fused: jax.Array, dropout_rate: float, dropout_key: jax.Array | None) -> jax.Array:
+    """Channel dropout (when a key is given), 1x1 classifier, float32 logits."""
+    if dropout_key is not None:
+        fused = layers.channel_dropout(fused, dropout_rate, dropout_key)
+    return classifier(fused).astype(jnp.float32)

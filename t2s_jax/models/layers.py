@@ -1,0 +1,161 @@
+"""Small building blocks shared by the encoder, the heads and the projector.
+
+Randomness never lives inside a module: drop-path and dropout take an explicit key, so a
+model's state is only `nnx.Param` and `nnx.BatchStat` and pure step functions can thread it
+with `nnx.split` / `nnx.merge`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """The compute dtype named by `config.model.dtype`."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown model dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def conv_fan_out_init(kernel_size: int, out_channels: int, groups: int = 1) -> jax.nn.initializers.Initializer:
+    """Normal(0, sqrt(2 / fan_out)) with fan_out = k*k*out/groups, the MiT (mmseg) conv init."""
+    fan_out = kernel_size * kernel_size * out_channels // groups
+    return jax.nn.initializers.normal(stddev=math.sqrt(2.0 / fan_out))
+
+
+# Kaiming normal (fan_out, ReLU gain): mmcv's ConvModule init for the head's convolutions.
+kaiming_fan_out = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def drop_path(x: jax.Array, rate: float | jax.Array, key: jax.Array) -> jax.Array:
+    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones.
+
+    `rate` may be traced (one value per block inside a scanned stage).
+    """
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+def channel_dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Dropout of whole NHWC feature maps (PyTorch `Dropout2d`), kept maps scaled by 1/(1-rate)."""
+    if rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0], 1, 1, x.shape[-1]))
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+def stack_passes(passes: list[jax.Array]) -> jax.Array:
+    """One batch from G equal passes, interleaved example-major (see `BatchNorm`)."""
+    stacked = jnp.stack(passes, axis=1)
+    return stacked.reshape(-1, *stacked.shape[2:])
+
+
+def unstack_passes(x: jax.Array, num_passes: int) -> list[jax.Array]:
+    """The G passes of a batch built by `stack_passes`."""
+    grouped = x.reshape(-1, num_passes, *x.shape[1:])
+    return [grouped[:, index] for index in range(num_passes)]
+
+
+def resize_bilinear(x: jax.Array, size_hw: tuple[int, int]) -> jax.Array:
+    """Bilinear NHWC resize matching PyTorch `interpolate(mode='bilinear', align_corners=False)`.
+
+    No antialiasing, so downsampling also samples like PyTorch (jax antialiases by default).
+    """
+    if tuple(x.shape[1:3]) == tuple(size_hw):
+        return x
+    shape = (x.shape[0], *size_hw, x.shape[-1])
+    return jax.image.resize(x, shape, method="linear", antialias=False)
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over NHWC with ghost batches.
+
+    One jitted training step often runs several passes (source images, mixed images, ...) as
+    one batched forward; each pass must be normalised with its own statistics. With
+    `num_batch_groups=G` the batch holds G passes interleaved example-major: row i*G + g is
+    example i of pass g (`stack_passes` builds it). That layout keeps every example of a
+    device on that device when the batch axis is sharded, where consecutive groups would
+    need an all-to-all. Each pass is normalised with its own mean and (biased) variance.
+    The running statistics move towards the average over passes of the pass mean and biased
+    variance (the Flax convention: running_var stores the biased variance; PyTorch stores the
+    unbiased one, a factor n/(n-1) with n = pixels per pass, negligible for segmentation):
+
+        running = momentum * running + (1 - momentum) * mean_over_passes(pass_stat)
+
+    Statistics and normalisation are computed in float32 whatever the compute dtype.
+    """
+
+    def __init__(self, num_features: int, *, momentum: float, epsilon: float, dtype: jnp.dtype = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, *, use_batch_stats: bool, num_batch_groups: int = 1) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        if use_batch_stats:
+            batch = x.shape[0]
+            if num_batch_groups < 1 or batch % num_batch_groups:
+                raise ValueError(f"batch of {batch} cannot be split into {num_batch_groups} equal BatchNorm groups")
+            groups = x32.reshape(batch // num_batch_groups, num_batch_groups, *x.shape[1:])
+            axes = (0, *range(2, groups.ndim - 1))  # all but the pass and channel axes
+            mean = groups.mean(axes, keepdims=True)
+            var = jnp.square(groups - mean).mean(axes, keepdims=True)  # two-pass: safe for large means
+            y = ((groups - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+            group_mean = jax.lax.stop_gradient(mean.reshape(num_batch_groups, -1).mean(0))
+            group_var = jax.lax.stop_gradient(var.reshape(num_batch_groups, -1).mean(0))
+            self.mean[...] = self.momentum * self.mean[...] + (1.0 - self.momentum) * group_mean
+            self.var[...] = self.momentum * self.var[...] + (1.0 - self.momentum) * group_var
+        else:
+            y = (x32 - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.epsilon)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class ConvBNReLU(nnx.Module):
+    """Conv (no bias: BatchNorm follows) + BatchNorm + ReLU, mmcv's `ConvModule`.
+
+    `groups == in_channels` makes it depthwise.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        dilation: int = 1,
+        groups: int = 1,
+        bn_momentum: float,
+        bn_eps: float,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        pad = dilation * (kernel_size // 2)
+        self.conv = nnx.Conv(
+            in_channels,
+            out_channels,
+            (kernel_size, kernel_size),
+            padding=((pad, pad), (pad, pad)),
+            kernel_dilation=dilation,
+            feature_group_count=groups,
+            use_bias=False,
+            kernel_init=kaiming_fan_out,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.bn = BatchNorm(out_channels, momentum=bn_momentum, epsilon=bn_eps, dtype=dtype)
+
+    def __call__(self, x: jax.Array, *, use_batch_stats: bool, num_batch_groups: int = 1) -> jax.Array:
+        y = self.bn(self.conv(x), use_batch_stats=use_batch_stats, num_batch_groups=num_batch_groups)
+        return jax.nn.relu(y)

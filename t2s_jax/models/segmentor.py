@@ -1,0 +1,129 @@
+"""The segmentor: MiT encoder + decode head (+ T2S-DA projector), built from `config.model`.
+
+State is only `nnx.Param` and `nnx.BatchStat`; randomness (stochastic depth, channel
+dropout) enters through `dropout_key`, so step functions can `nnx.split` the model, run a
+pure function and `nnx.merge` / `nnx.update` the new BatchNorm statistics back.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import ml_collections
+from flax import nnx
+
+from t2s_jax.models import heads, layers
+from t2s_jax.models.mit import build_encoder
+from t2s_jax.models.projector import Projector
+
+# Top-level attribute names: the optimizer gives these 10x learning rate.
+HEAD_MODULES = ("head", "projector")
+# Names of the encoder's LayerNorm modules (patch embedding, block pre-norms, spatial
+# reduction `attn.norm`, stage end): no weight decay on their scale and bias.
+ENCODER_NORM_MODULES = ("patch_norm", "norm1", "norm2", "norm")
+
+
+@flax.struct.dataclass
+class SegmentorOutput:
+    logits: jax.Array  # (B, H/4, W/4, num_classes) float32
+    encoder_features: tuple[jax.Array, ...]  # 4 stages, NHWC, strides 4/8/16/32, compute dtype
+    decoder_features: jax.Array  # fused stride-4 head feature before dropout, compute dtype
+    projection: jax.Array | None = None  # unnormalised projector output, float32
+
+
+class Segmentor(nnx.Module):
+    """`.encoder` (MiT), `.head` (DAFormer or SegFormer), `.projector` (None unless enabled)."""
+
+    def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        dtype = layers.compute_dtype(model_config.dtype)
+        embed_dims = tuple(model_config.encoder.embed_dims)
+        bn = dict(bn_momentum=float(model_config.bn_momentum), bn_eps=float(model_config.bn_eps))
+        self.encoder = build_encoder(model_config.encoder, model_config, rngs=rngs)
+        common = dict(
+            channels=int(model_config.head_channels),
+            num_classes=int(model_config.num_classes),
+            dropout_rate=float(model_config.dropout_rate),
+            dtype=dtype,
+            rngs=rngs,
+            **bn,
+        )
+        if model_config.head == "daformer":
+            self.head = heads.DAFormerHead(embed_dims, aspp_dilations=tuple(model_config.aspp_dilations), **common)
+        elif model_config.head == "segformer":
+            self.head = heads.SegFormerHead(embed_dims, **common)
+        else:
+            raise ValueError(f"unknown head {model_config.head!r}; expected 'daformer' or 'segformer'")
+        projector_config = model_config.projector
+        self.projector_input = projector_config.input
+        if projector_config.input not in ("decoder", "encoder"):
+            raise ValueError(f"unknown projector input {projector_config.input!r}; expected 'decoder' or 'encoder'")
+        if projector_config.enabled:
+            in_channels = int(model_config.head_channels) if projector_config.input == "decoder" else embed_dims[-1]
+            self.projector = Projector(
+                in_channels,
+                hidden_channels=int(projector_config.hidden_channels),
+                dim=int(projector_config.dim),
+                dtype=dtype,
+                rngs=rngs,
+                **bn,
+            )
+        else:
+            self.projector = None
+
+    def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Logits (B, H/4, W/4, num_classes) float32 for NHWC normalised `images`."""
+        return self.forward(images, train=train, dropout_key=dropout_key).logits
+
+    def forward(
+        self,
+        images: jax.Array,
+        *,
+        train: bool = False,
+        use_batch_stats: bool | None = None,
+        num_batch_groups: int = 1,
+        dropout_key: jax.Array | None = None,
+        with_projection: bool = False,
+    ) -> SegmentorOutput:
+        """Run the model.
+
+        train: stochastic depth and channel dropout on (needs `dropout_key`).
+        use_batch_stats: BatchNorm normalises with the batch's statistics and updates its
+            running statistics (default: `train`). The mean teacher uses train=False,
+            use_batch_stats=True.
+        num_batch_groups: the batch holds this many equal passes, interleaved example-major
+            (`layers.stack_passes`), each normalised with its own BatchNorm statistics.
+        with_projection: also run the projector.
+        """
+        if train and dropout_key is None:
+            raise ValueError("Segmentor.forward(train=True) needs a dropout_key for stochastic depth and dropout")
+        if with_projection and self.projector is None:
+            raise ValueError("with_projection=True but the projector is disabled (config.model.projector.enabled)")
+        use_batch_stats = train if use_batch_stats is None else use_batch_stats
+        encoder_key = head_key = None
+        if train:
+            encoder_key, head_key = jax.random.split(dropout_key)
+        bn = dict(use_batch_stats=use_batch_stats, num_batch_groups=num_batch_groups)
+        features = self.encoder(images, dropout_key=encoder_key)
+        logits, fused = self.head(features, dropout_key=head_key, **bn)
+        projection = None
+        if with_projection:
+            projector_input = fused if self.projector_input == "decoder" else features[-1]
+            projection = self.projector(projector_input, **bn)
+        return SegmentorOutput(
+            logits=logits, encoder_features=features, decoder_features=fused, projection=projection
+        )
+
+
+def build_segmentor(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Segmentor:
+    """The segmentor `config.model` describes (random init; see `weights.load_pretrained_encoder`)."""
+    return Segmentor(model_config, rngs=rngs)
+
+
+def is_head_param(path: tuple) -> bool:
+    """Decode head or projector parameter (learning rate x head_lr_multiplier)."""
+    return bool(path) and path[0] in HEAD_MODULES
+
+
+def is_encoder_norm_param(path: tuple) -> bool:
+    """Scale or bias of an encoder LayerNorm (no weight decay), stacked (scanned) or not."""
+    return len(path) >= 2 and path[0] == "encoder" and path[-2] in ENCODER_NORM_MODULES
