@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import safetensors.torch
 import torch
 from flax import nnx
 from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerModel
 
+from t2s_jax import checkpointing
 from t2s_jax import config as config_lib
 from t2s_jax.models import (
     CheckpointError,
@@ -306,7 +306,7 @@ def test_convert_hf_checkpoint_to_orbax(tmp_path):
         "params": jax.eval_shape(lambda: expected),
         "batch_stats": jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))),
     }
-    restored = ocp.StandardCheckpointer().restore(tmp_path / "orbax" / "state", abstract)
+    restored = checkpointing.restore_tree(str(tmp_path / "orbax" / "state"), abstract)
     assert jax.tree.structure(restored["params"]) == jax.tree.structure(expected)
     for got, want in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(got, want)
@@ -343,7 +343,7 @@ def test_convert_cli_with_config_loads_encoder_under_daformer_head(tmp_path):
     assert f"loaded {len(state)} tensors" in result.stdout
     model_config = ml_collections.ConfigDict(json.loads((tmp_path / "out" / "model_config.json").read_text()))
     assert model_config.head == "daformer" and model_config.pretrained == str(tmp_path / "mit.pth")
-    restored = ocp.StandardCheckpointer().restore(tmp_path / "out" / "state")
+    restored = checkpointing.restore_tree(str(tmp_path / "out" / "state"))
     kv = restored["params"]["encoder"]["stages"]["2"]["blocks"]["attn"]["kv"]["kernel"]  # stacked: 3 blocks
     np.testing.assert_array_equal(kv[1], state["block3.1.attn.kv.weight"].numpy().T)
     assert "aspp_1x1" in restored["params"]["head"]

@@ -4,9 +4,9 @@ r"""Convert a pretrained checkpoint once into an Orbax checkpoint of the model's
   python -m t2s_jax.models.convert --checkpoint=/data/segformer-b5 --output=/data/segformer-b5-orbax
   # MiT ImageNet weights under the segmentor a config describes (DAFormer head random-initialised).
   python -m t2s_jax.models.convert --checkpoint=/data/mit_b5.pth --output=/data/daformer-b5-init \
-      --config=configs/gta5_to_cityscapes.py
+      --config=configs/gta_cs_daformer.py
 
-The output directory holds `state/` (Orbax `StandardCheckpointer`: {'params', 'batch_stats'}
+The output directory holds `state/` (`t2s_jax.checkpointing.save_tree`: {'params', 'batch_stats'}
 as plain nested dicts) and `model_config.json` (the `config.model` the tree belongs to).
 """
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from t2s_jax import checkpointing
 from t2s_jax.models import weights
 from t2s_jax.models.segmentor import build_segmentor
 
@@ -39,9 +39,7 @@ def convert_checkpoint(
         "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)),
     }
     output.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(output / "state", tree)
-    checkpointer.wait_until_finished()
+    checkpointing.save_tree(str(output / "state"), tree)
     (output / "model_config.json").write_text(model_config.to_json(indent=2))
     return summary
 
