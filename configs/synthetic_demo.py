@@ -45,10 +45,13 @@ def get_config():
 
     config.pull.num_negatives = 256
 
-    config.optim.warmup_steps = 50
-    config.train.num_steps = 600
+    # Random init (no ImageNet weights): 10x DAFormer's fine-tuning rate; 300 steps keep the
+    # three methods within about 10 minutes on 2 CPU cores.
+    config.optim.learning_rate = 6e-4
+    config.optim.warmup_steps = 30
+    config.train.num_steps = 300
     config.train.log_every = 50
-    config.train.eval_every = 600
-    config.train.checkpoint_every = 200
+    config.train.eval_every = 300
+    config.train.checkpoint_every = 100
     config.train.num_pictures = 2
     return config

@@ -313,6 +313,7 @@ def evaluate_checkpoint(
         params, batch_stats = jax.device_put((params, batch_stats), parallel.replicated(mesh))
         label = pretrained
     else:
+        _adopt_saved_method(config, workdir)
         num_steps = config.train.num_steps
         graphdef, state, _, _ = create_train_state(config, mesh, num_steps)
         checkpointer = checkpointing.RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
@@ -326,6 +327,18 @@ def evaluate_checkpoint(
         name = f"step_{step}" if not pretrained else "pretrained"
         evaluate.write_eval_json(os.path.join(workdir, "eval", f"{name}_eval_mode.json"), summary)
     return summary
+
+
+def _adopt_saved_method(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """The method decides the model's shape (projector or not): take the run's own."""
+    saved_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(saved_path):
+        return
+    with open(saved_path) as f:
+        saved_method = json.load(f).get("method", config.method)
+    if saved_method != config.method:
+        logging.info("%s was trained with method=%s; evaluating it as such", workdir, saved_method)
+        config.method = saved_method
 
 
 # ---------------------------------------------------------------------------- several methods
