@@ -190,39 +190,29 @@ def _source_only_losses(context: _StepContext, params, batch):
     return loss_source, (batch_stats, context.state.teacher_batch_stats, metrics)
 
 
-def _blur_kernel_hw(images: jax.Array, fraction: float) -> tuple[int, int]:
-    """DAFormer sizes the blur kernel per axis from the crop (51 x 51 for 512 x 512)."""
+def _augment_options(uda: ml_collections.ConfigDict, images: jax.Array) -> dict:
+    """Strong-augmentation settings (method.md 4.6); DAFormer sizes the blur kernel per axis."""
     height, width = images.shape[1:3]
-    return augment.blur_kernel_size_for(height, fraction), augment.blur_kernel_size_for(width, fraction)
-
-
-def _strong_augment(context: _StepContext, key: jax.Array, images_0_255: jax.Array) -> jax.Array:
-    uda = context.config.uda
-    return augment.strong_augment(
-        key,
-        images_0_255,
+    return dict(
         color_jitter_prob=uda.color_jitter_prob,
         color_jitter_strength=uda.color_jitter_strength,
         color_jitter_hue=uda.color_jitter_hue,
         blur_prob=uda.blur_prob,
         blur_sigma=tuple(uda.blur_sigma),
-        blur_kernel_size=_blur_kernel_hw(images_0_255, uda.blur_kernel_fraction),
+        blur_kernel_size=(
+            augment.blur_kernel_size_for(height, uda.blur_kernel_fraction),
+            augment.blur_kernel_size_for(width, uda.blur_kernel_fraction),
+        ),
     )
 
 
 def _pseudo_target(context: _StepContext, source_0_255, target_0_255):
     pull = context.config.pull
-    uda = context.config.uda
     translate = functools.partial(
         pseudo_target_images,
         engine=pull.translation,
         fda_beta=pull.fda_beta,
-        color_jitter_prob=uda.color_jitter_prob,
-        color_jitter_strength=uda.color_jitter_strength,
-        color_jitter_hue=uda.color_jitter_hue,
-        blur_prob=uda.blur_prob,
-        blur_sigma=tuple(uda.blur_sigma),
-        blur_kernel_size=_blur_kernel_hw(source_0_255, uda.blur_kernel_fraction),
+        **_augment_options(context.config.uda, source_0_255),
     )
     if pull.translation == "fda" and context.mesh is not None:
         # FDA is deterministic and per example: each device transforms its own images.
@@ -261,7 +251,9 @@ def _daformer_losses(context: _StepContext, params, batch):
     mixed_raw = classmix.mix(mix_mask, source_raw, target_raw)
     mixed_labels = jnp.where(mix_mask > 0, source_labels, pseudo_label)
     mixed_weight = classmix.mix(mix_mask, jnp.ones_like(pseudo_weight), pseudo_weight)
-    mixed_images = _strong_augment(context, context.keys["augment"], mixed_raw)
+    mixed_images = augment.strong_augment(
+        context.keys["augment"], mixed_raw, **_augment_options(config.uda, mixed_raw)
+    )
 
     student_images = [source_raw, mixed_images]
     if use_pull:
