@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t2s_jax import checkpointing, data, parallel, steps, train
+from t2s_jax import checkpointing, data, parallel, train
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
@@ -33,12 +32,7 @@ def _random_batch(batch_size, crop_hw, seed, classes=tuple(range(19))):
 
 def _jitted_step(config, mesh):
     graphdef, state, imagenet_params, optimizer = train.create_train_state(config, mesh, 100)
-    step = jax.jit(
-        steps.make_train_step(config, graphdef, optimizer, 100, mesh),
-        in_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh), parallel.replicated(mesh)),
-        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-    )
-    return step, state, imagenet_params
+    return train.jit_train_step(config, graphdef, optimizer, mesh, 100), state, imagenet_params
 
 
 def test_t2s_step_on_8_devices_equals_1_device_and_compiles_once(tmp_path):
