@@ -96,7 +96,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["learning_rate"] = learning_rate(state.step)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         new_state = state.replace(
             step=state.step + 1,
             params=params,

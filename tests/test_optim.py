@@ -96,4 +96,4 @@ def test_head_group_learns_ten_times_faster_and_norms_are_not_decayed():
         multiplier = 10.0 if groups[name] == "head" else 1.0
         expected = -step1_lr * multiplier * 0.01 if decayed[name] else 0.0
         np.testing.assert_allclose(np.asarray(update), expected, rtol=1e-4, atol=1e-16, err_msg=name)
-    assert optax.global_norm(updates) > 0
+    assert optax.tree.norm(updates) > 0
