@@ -14,7 +14,7 @@ port=${PORT:-$((20000 + RANDOM % 20000))}
 pids=()
 for ((i = 0; i < num_processes; i++)); do
   JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} \
-  XLA_FLAGS="--xla_force_host_platform_device_count=${devices_per_process}" \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices_per_process}" \
   python -m t2s_jax.main --config="$config" --workdir="$workdir" \
     --coordinator_address="127.0.0.1:${port}" --num_processes="$num_processes" --process_id="$i" \
     "$@" > >(sed "s/^/[process $i] /") 2>&1 &

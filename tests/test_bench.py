@@ -1,0 +1,126 @@
+"""The step benchmark: its command line, table and JSON, synthetic batches and FLOP counts."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t2s_jax import bench, parallel, train
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny  # noqa: E402
+
+
+def test_command_prints_one_table_and_writes_json(tmp_path):
+    json_path = tmp_path / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=tiny.REPO)
+    env["XLA_FLAGS"] = (
+        "--xla_force_host_platform_device_count=1 "
+        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "t2s_jax.bench", f"--config={tiny.DEMO_CONFIG}",
+         '--config.data.crop_hw=(64, 64)', "--methods=source_only", "--dtypes=float32",
+         "--steps=2", "--warmup=1", f"--json={json_path}"],
+        env=env, cwd=tiny.REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    table = [line for line in completed.stdout.splitlines() if line.startswith("|")]
+    assert len(table) == 3  # header, rule, one row
+    assert "compile (s)" in table[0] and "TFLOP/s (model)" in table[0] and "peak memory" in table[0]
+    assert table[2].startswith("| source_only | float32 |") and "(compiled est.)" in table[2]
+
+    report = json.loads(json_path.read_text())
+    assert report["setup"]["backend"] == "cpu" and report["setup"]["crop_hw"] == [64, 64]
+    (row,) = report["rows"]
+    assert (row["method"], row["dtype"], row["devices"]) == ("source_only", "float32", 1)
+    assert row["images_per_step"] == 2  # source-only trains on the B = 2 source crops
+    assert 0 < row["compile_s"] < row["first_step_s"]
+    assert row["step_ms_spread"][0] <= row["step_ms"] <= row["step_ms_spread"][1]
+    assert row["images_per_s"] == pytest.approx(2 / (row["step_ms"] / 1000))
+    assert row["model_tflops_per_s"] == pytest.approx(row["model_flops"] / (row["step_ms"] / 1000) / 1e12)
+    assert row["model_flops"] > 1e8 and row["compiled_flops"] > 0
+    memory = row["compiled_memory"]
+    assert row["memory_source"].startswith("compiled memory_analysis")  # CPU has no device peak
+    assert row["memory_bytes"] == memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
+    assert memory["alias"] > 0  # the donated state is updated in place
+    assert math.isfinite(row["final_loss"])
+
+
+def test_synthetic_batch_has_the_pipelines_layout_and_splits_by_process(tmp_path):
+    config = tiny.tiny_config(str(tmp_path), "t2s", **{"data.batch_size": 4, "data.crop_hw": (64, 96)})
+    whole = bench.synthetic_host_batch(config.data, 19)
+    assert sorted(whole) == ["source_image", "source_label", "target_image", "target_label"]
+    for domain in ("source", "target"):
+        image, label = whole[f"{domain}_image"], whole[f"{domain}_label"]
+        assert image.shape == (4, 64, 96, 3) and image.dtype == np.uint8
+        assert label.shape == (4, 64, 96) and label.dtype == np.uint8
+        assert set(np.unique(label)) <= set(range(19)) | {255}
+        # Constant on 32 x 32 blocks, several classes per crop.
+        blocks = label.reshape(4, 2, 32, 3, 32)
+        assert np.all(blocks == blocks[:, :, :1, :, :1])
+        assert all(len(np.unique(crop)) >= 2 for crop in label)
+    share = bench.synthetic_host_batch(config.data, 19, process_index=1, process_count=2)
+    assert share["source_image"].shape == (2, 64, 96, 3)
+    config.data.target = ""
+    assert sorted(bench.synthetic_host_batch(config.data, 19)) == ["source_image", "source_label"]
+    config.data.batch_size = 3
+    with pytest.raises(ValueError, match="batch_size=3"):
+        bench.synthetic_host_batch(config.data, 19, process_count=2)
+
+
+def test_model_flops_count_every_scanned_block(tmp_path):
+    """XLA counts a loop body once; the benchmark counts the step with unrolled blocks."""
+    config = tiny.tiny_config(str(tmp_path), "source_only")
+    config.model.encoder.depths = (2, 1, 1, 1)
+    mesh = parallel.make_mesh(1)
+    batch = bench._abstract_batch(bench.synthetic_host_batch(config.data, 19), mesh)
+
+    def lowered(scan: bool):
+        config.model.scan_blocks = scan
+        graphdef, state, imagenet_params, optimizer = bench._abstract_train_state(config, 10)
+        step = train.jit_train_step(config, graphdef, optimizer, mesh, 10)
+        return step.lower(state, batch, imagenet_params)
+
+    unrolled = bench._cost_flops(lowered(False))
+    scanned = lowered(True)
+    assert bench._cost_flops(scanned) < unrolled  # the loop body once: fewer than the real count
+    assert bench.model_flops(config, mesh, batch, scanned) == pytest.approx(unrolled, rel=1e-6)
+
+
+def test_cost_flops_reads_xla_cost_analysis():
+    a, b = jnp.ones((64, 32)), jnp.ones((32, 16))
+    lowered = jax.jit(jnp.matmul).lower(a, b)
+    assert bench._cost_flops(lowered) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+
+
+def test_table_marks_compile_only_rows_and_scanned_counts():
+    row = bench.BenchRow(
+        method="t2s", dtype="bfloat16", devices=1, device_kind="cpu", batch_per_domain=2,
+        crop_hw=(512, 512), images_per_step=4, compile_s=46.0, first_step_s=float("nan"),
+        step_ms=float("nan"), step_ms_spread=(float("nan"),) * 2, images_per_s=float("nan"),
+        model_flops=6.86e12, compiled_flops=9.1e12, model_tflops_per_s=float("nan"),
+        compiled_tflops_per_s=float("nan"), memory_bytes=31 * 2**30,
+        memory_source="compiled memory_analysis (args + outputs + temps - aliased)",
+        compiled_memory={}, final_loss=float("nan"),
+        options={"scan_blocks": True, "remat": False, "attention_impl": "default"},
+    )  # fmt: skip
+    line = bench.format_table([row]).splitlines()[2]
+    assert line == "| t2s | bfloat16 | 46.0 | – | – | – | 6860.0 | – | –* | 31.00 GiB (compiled est.) |"
+
+
+def test_unknown_method_or_dtype_is_named(tmp_path):
+    config = tiny.tiny_config(str(tmp_path))
+    with pytest.raises(ValueError, match="'dacs'"):
+        bench.row_config(config, "dacs", "float32")
+    with pytest.raises(ValueError, match="'float16'"):
+        bench.row_config(config, "t2s", "float16")
+    row = bench.row_config(config, "daformer", "bfloat16")
+    assert (row.method, row.model.dtype, row.model.pretrained) == ("daformer", "bfloat16", "")
+    assert config.method == "t2s"  # the base config is left alone

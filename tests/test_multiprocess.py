@@ -1,0 +1,214 @@
+"""Multi-process training on CPU: 2 processes x 2 devices = 1 process x 4 devices = 1 device.
+
+`tests/multiprocess_worker.py` runs the real state creation, jitted step and Orbax run
+checkpoints on identical global batches as 1 x 1, 1 x 4 and 2 x 2 (processes x devices);
+the launch recipe `launch/local_multiprocess.sh` (`python -m t2s_jax.main` with
+--coordinator_address / --num_processes / --process_id) trains, evaluates and checkpoints
+as 2 x 2. Checkpoints cross process counts both ways: the 2-process worker restores the
+1-process checkpoint, and this single test process restores what both 2-process runs wrote.
+
+The main run's batches come from the data pipeline, whose global batch depends on the
+process count (docs/performance.md, "Multi-host"), so its losses are not compared.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from t2s_jax import checkpointing, data, parallel, train
+
+sys.path.insert(0, os.path.dirname(__file__))
+import multiprocess_worker as worker  # noqa: E402
+import tiny  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
+LAUNCHER = os.path.join(tiny.REPO, "launch", "local_multiprocess.sh")
+TIMEOUT_S = 400
+# Tiny programs: a quick compile matters more than fast code (same flags for every run).
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices_per_process: int, cache_dir: str) -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # The children import this checkout, whatever an installed t2s_jax points to.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tiny.REPO, os.environ.get("PYTHONPATH")]))
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process} {_FAST_COMPILE}"
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir  # the 2 x 2 runs share programs
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
+
+
+def _start_workers(workdir, num_processes, devices_per_process, cache_dir, restore_from=""):
+    port = _free_port()
+    processes = []
+    for process_id in range(num_processes):
+        command = [sys.executable, WORKER, f"--workdir={workdir}"]
+        if num_processes > 1:
+            command += [
+                f"--coordinator_address=127.0.0.1:{port}",
+                f"--num_processes={num_processes}",
+                f"--process_id={process_id}",
+            ]
+        if restore_from:
+            command.append(f"--restore_from={restore_from}")
+        processes.append(
+            subprocess.Popen(
+                command, env=_env(devices_per_process, cache_dir),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+        )
+    return processes
+
+
+def _wait(processes):
+    for process in processes:
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+        assert process.returncode == 0, output[-4000:]
+
+
+def _result(workdir) -> dict:
+    with open(os.path.join(workdir, "result.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiprocess")
+    cache_dir = str(root / "jax_cache")
+    data_dir = str(root / "data")
+    config = tiny.tiny_config(data_dir, "t2s", **worker.OVERRIDES)
+    # Generated once here, not by both processes of the main run at the same time.
+    for name in (config.data.source, config.data.target, config.data.eval_dataset):
+        data.ensure_prepared(name, data_dir)
+
+    dirs = {name: str(root / name) for name in ("w1x1", "w1x4", "w2x2", "main2x2")}
+    # The two single-process workers take one core each, side by side.
+    _wait(_start_workers(dirs["w1x1"], 1, 1, cache_dir) + _start_workers(dirs["w1x4"], 1, 4, cache_dir))
+    _wait(_start_workers(dirs["w2x2"], 2, 2, cache_dir, restore_from=dirs["w1x4"]))
+
+    overrides = {**worker.OVERRIDES, "train.log_every": 1}
+    launched = subprocess.run(
+        ["bash", LAUNCHER, "2", "2", tiny.DEMO_CONFIG, dirs["main2x2"],
+         *tiny.as_flags(data_dir, "t2s", **overrides)[1:]],  # [1:]: the launcher passes --config
+        env=dict(_env(2, cache_dir), PORT=str(_free_port())),
+        capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert launched.returncode == 0, (launched.stdout + launched.stderr)[-4000:]
+    return {"config": config, "dirs": dirs, "main_log": launched.stdout + launched.stderr}
+
+
+def _restore_here(config, run_dir):
+    """(state, data iterator state, step) of a run's latest checkpoint, restored in this
+    process onto one device; the target is built from shapes only (nothing compiled)."""
+    mesh = parallel.make_mesh(1)
+    shapes = jax.eval_shape(lambda: train.create_train_state(config, mesh, worker.NUM_STEPS)[1])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), shapes
+    )
+    checkpointer = checkpointing.RunCheckpointer(run_dir)
+    state, data_state, step = checkpointer.restore(target)
+    checkpointer.close()
+    return jax.device_get(state), data_state, step
+
+
+def _assert_same_losses(result, reference, name):
+    assert len(result["losses"]) == len(reference["losses"]) == worker.NUM_STEPS
+    for step, (got, want) in enumerate(zip(result["losses"], reference["losses"])):
+        assert set(got) == set(want)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=1e-6, err_msg=f"{name} step {step} {key}")
+
+
+def _assert_same_params(params, reference, max_change, name, *, tolerance, max_share):
+    """Equal up to reduction order, except where Adam turns rounding into +-lr steps.
+
+    Adam's first updates are about +-lr whatever a gradient's size, so an element whose
+    gradient is (nearly) rounding noise, e.g. a bias followed by a normalisation, whose
+    exact gradient is 0, moves by up to 2 lr differently on another topology. At most
+    `max_share` of all elements may differ by more than `tolerance` x the largest update
+    (measured: 1 device vs 4, 0.2 % beyond 1e-2; 1 x 4 vs 2 x 2, 0.003 % beyond 1e-3);
+    a sharding bug (per-device BatchNorm statistics, reordered batch rows, a missing
+    gradient all-reduce) moves nearly all of them.
+    """
+    leaves, reference_leaves = jax.tree.leaves(params), jax.tree.leaves(reference)
+    assert len(leaves) == len(reference_leaves)
+    diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(leaves, reference_leaves)])
+    assert diffs.max() <= 2.5 * max_change, (name, float(diffs.max()), max_change)
+    share = float(np.mean(diffs > tolerance * max_change))
+    assert share < max_share, (name, share)
+
+
+def test_two_processes_equal_one_process_and_one_device(runs):
+    dirs = runs["dirs"]
+    one_device, four_devices, two_processes = (_result(dirs[n]) for n in ("w1x1", "w1x4", "w2x2"))
+    assert (one_device["processes"], one_device["devices"]) == (1, 1)
+    assert (four_devices["processes"], four_devices["devices"]) == (1, 4)
+    assert (two_processes["processes"], two_processes["devices"]) == (2, 4)
+    _assert_same_losses(four_devices, one_device, "1 process x 4 devices")
+    _assert_same_losses(two_processes, one_device, "2 processes x 2 devices")
+    first = one_device["losses"][0]
+    assert first["loss_pull"] > 0 and first["loss_mixed"] > 0 and first["loss_source"] > 0
+    assert one_device["losses"][-1]["loss"] != first["loss"]  # the updates change the model
+
+    # Parameters after 3 steps: the 2-process checkpoint restored here, in 1 process,
+    # against the 1-device run's checkpoint.
+    max_change = one_device["max_param_change"]
+    assert max_change > 1e-5  # no warmup: ~3 lr of Adam steps
+    restored = {name: _restore_here(runs["config"], dirs[name]) for name in ("w1x1", "w1x4", "w2x2")}
+    for state, _, step in restored.values():
+        assert step == int(state.step) == worker.NUM_STEPS
+    from_1x1, from_1x4, from_2x2 = (restored[name][0] for name in ("w1x1", "w1x4", "w2x2"))
+    for part in ("params", "teacher_params"):
+        # Same partitioned program, all-reduced in one process or across two.
+        _assert_same_params(
+            getattr(from_2x2, part), getattr(from_1x4, part), max_change, f"{part} 2x2 vs 1x4",
+            tolerance=1e-3, max_share=1e-3,
+        )  # fmt: skip
+        _assert_same_params(
+            getattr(from_2x2, part), getattr(from_1x1, part), max_change, f"{part} 2x2 vs 1x1",
+            tolerance=1e-2, max_share=1e-2,
+        )  # fmt: skip
+
+
+def test_one_process_checkpoint_restores_in_two_processes(runs):
+    dirs = runs["dirs"]
+    result = _result(dirs["w2x2"])
+    assert result["restored_step"] == result["restored_state_step"] == worker.NUM_STEPS
+    # What the 2-process run read equals what this process reads from the same checkpoint.
+    from_1x4, _, _ = _restore_here(runs["config"], dirs["w1x4"])
+    with np.load(os.path.join(dirs["w2x2"], "restored_params.npz")) as read_by_2x2:
+        arrays = [read_by_2x2[f"arr_{i}"] for i in range(len(read_by_2x2.files))]
+    expected = jax.tree.leaves(from_1x4.params)
+    assert len(arrays) == len(expected)
+    for got, want in zip(arrays, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_main_with_two_processes_trains_evaluates_and_checkpoints(runs):
+    run_dir = runs["dirs"]["main2x2"]
+    log = runs["main_log"]
+    assert "[process 0]" in log and "[process 1]" in log
+    assert os.path.exists(os.path.join(run_dir, "eval", f"step_{worker.NUM_STEPS}.json"))
+    restored, data_state, step = _restore_here(runs["config"], run_dir)
+    assert step == int(restored.step) == worker.NUM_STEPS
+    assert data_state is not None  # the data iterator's position travels with the checkpoint
+    for leaf in jax.tree.leaves(restored.params) + jax.tree.leaves(restored.teacher_params):
+        assert np.all(np.isfinite(leaf))
+    # Same seed, same initialisation as the workers; then other batches: other parameters.
+    from_1x1, _, _ = _restore_here(runs["config"], runs["dirs"]["w1x1"])
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(from_1x1.params))
+    )
