@@ -5,11 +5,11 @@ Needs: `python -m data_pipelines.prepare --dataset=gta5 ...` and `--dataset=city
 and the MiT-B5 ImageNet weights at weights/mit_b5.pth (SegFormer release, mmseg key layout).
 """
 
+from t2s_jax import methods
 from t2s_jax.config import default_config
 
 
 def get_config():
-    config = default_config()
-    config.method = "t2s"
+    config = methods.with_method(default_config(), "t2s")
     config.model.pretrained = "weights/mit_b5.pth"
     return config

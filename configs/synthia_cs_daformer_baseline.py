@@ -3,13 +3,12 @@
 SYNTHIA-RAND-CITYSCAPES images stay at 1280x760; mIoU16 and mIoU13 are in every evaluation.
 """
 
+from t2s_jax import methods
 from t2s_jax.config import default_config
 
 
 def get_config():
-    config = default_config()
-    config.method = "daformer"
-    config.model.projector.enabled = False
+    config = methods.with_method(default_config(), "daformer")
     config.model.pretrained = "weights/mit_b5.pth"
     config.data.source = "synthia"
     config.data.source_resize_hw = (760, 1280)  # SYNTHIA keeps its size

@@ -37,7 +37,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from t2s_jax import parallel, steps, train
+from t2s_jax import methods, parallel, steps, train
 from t2s_jax.models import build_segmentor, layers
 from t2s_jax.optim import make_optimizer
 
@@ -116,22 +116,18 @@ def synthetic_host_batch(
 
 def row_config(config: ml_collections.ConfigDict, method: str, dtype: str) -> ml_collections.ConfigDict:
     """`config` with `method` and compute `dtype`, and no pretrained weights to read."""
-    if method not in steps.METHODS:
-        raise ValueError(f"--methods: unknown method {method!r}; expected some of {steps.METHODS}")
+    if method not in methods.PRESETS:
+        raise ValueError(f"--methods: unknown method {method!r}; expected some of {tuple(methods.PRESETS)}")
     if dtype not in layers.DTYPES:
         raise ValueError(f"--dtypes: unknown dtype {dtype!r}; expected some of {sorted(layers.DTYPES)}")
-    row = ml_collections.ConfigDict(config.to_dict())
-    row.method = method
+    row = methods.with_method(config, method)  # the rules a config file of that method follows
     row.model.dtype = dtype
     row.model.pretrained = ""
-    if method == "dg":
-        row.data.target = ""
     return row
 
 
 def _images_per_step(config: ml_collections.ConfigDict) -> int:
-    uses_target = config.method in ("daformer", "t2s")
-    return config.data.batch_size * (2 if uses_target else 1)
+    return config.data.batch_size * (2 if config.data.target else 1)
 
 
 def _abstract_train_state(config: ml_collections.ConfigDict, num_steps: int):
@@ -140,9 +136,11 @@ def _abstract_train_state(config: ml_collections.ConfigDict, num_steps: int):
     model = nnx.eval_shape(lambda: build_segmentor(model_config, rngs=nnx.Rngs(0)))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     optimizer = make_optimizer(config.optim, num_steps)
+    with_mask_teacher = steps.mask_teacher_alpha(methods.build_terms(config)) is not None
     state = jax.eval_shape(
-        lambda p, s: steps.initial_train_state(p, s, optimizer, config.seed), params, batch_stats
-    )
+        lambda p, s: steps.initial_train_state(p, s, optimizer, config.seed, with_mask_teacher=with_mask_teacher),
+        params, batch_stats,
+    )  # fmt: skip
     return graphdef, state, params, optimizer
 
 

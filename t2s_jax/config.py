@@ -52,9 +52,13 @@ def default_config() -> ml_collections.ConfigDict:
     """T2S-DA w/ DAFormer, MiT-B5, GTA5 -> Cityscapes: every value of method.md."""
     config = ml_collections.ConfigDict()
     config.seed = 0
-    # 'source_only' | 'daformer' (DACS self-training) | 't2s' (DAFormer + pulling loss)
-    # | 'dg' (domain generalisation: no target data, L_src + lambda * L_pull).
+    # A preset of loss terms (t2s_jax/methods.py): 'source_only' | 'daformer' (DACS
+    # self-training) | 't2s' (DAFormer + pulling loss) | 'dg' (domain generalisation: no
+    # target data, L_src + lambda * L_pull) | 'mic' | 't2s_mic' (T2S-DA w/ MIC) | 'masktwins'.
     config.method = "t2s"
+    # The loss terms themselves, overriding the preset: names from t2s_jax/methods.py TERMS,
+    # e.g. ('source', 'feature_distance', 'dacs', 'pull', 'mic'); () = the preset's.
+    config.terms = ()
     config.num_devices = 0  # devices of the data mesh; 0 = every device of every process
 
     # ---------------------------------------------------------------- model
@@ -67,8 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
     model.num_classes = 19
     model.bn_momentum = 0.9  # Flax convention (PyTorch momentum 0.1)
     model.bn_eps = 1e-5
+    # The T2S-DA projector, built when a term of the method reads projections (pull).
     model.projector = ml_collections.ConfigDict()
-    model.projector.enabled = True  # built when the method needs it (t2s, dg)
     # [our choice] 'decoder': fused 256-ch stride-4 decoder feature; 'encoder': last encoder stage.
     model.projector.input = "decoder"
     model.projector.hidden_channels = 256
@@ -123,6 +127,33 @@ def default_config() -> ml_collections.ConfigDict:
     uda.fd_weight = 0.005  # ImageNet feature distance on thing-class cells; 0 disables
     uda.fd_classes = THING_CLASSES
     uda.fd_min_ratio = 0.75  # a stride-32 cell counts when one thing class covers this share
+    # Train on the first target image of each batch only, repeated (MaskTwins' released code,
+    # hosts.md 10.2): pseudo-labels, ClassMix and the masked views then all use that image.
+    uda.single_target_image = False
+
+    # ---------------------------------------------------------------- MIC (hosts.md 8)
+    mic = config.mic = ml_collections.ConfigDict()
+    # Images masked: 'separatetrgaug' (target, colour-augmented) | 'separatetrg' | 'separatesrcaug'
+    # | 'separatesrc' | 'separateaug' | 'separate' (source[0] + target[0], needs batch_size 2).
+    mic.mode = "separatetrgaug"
+    mic.block_size = 32  # mask block side in pixels: 32 at 512^2 crops (DAFormer host), 64 at 1024^2 (HRDA)
+    mic.ratio = 0.7  # share of blocks masked (a block is kept iff U > ratio)
+    mic.weight = 1.0  # lambda_MIC
+    # 'same' = the host's EMA teacher; an alpha as text (e.g. '0' = the current student, the
+    # "w/o EMA teacher" ablation) = a separate EMA teacher, as the original builds one.
+    mic.teacher_alpha = "same"
+    # 'same' = the host's pseudo-label weights; 'none' = no confidence weight; a threshold as text.
+    mic.pseudo_threshold = "same"
+
+    # ---------------------------------------------------------------- MaskTwins (hosts.md 10)
+    masktwins = config.masktwins = ml_collections.ConfigDict()
+    masktwins.block_size = 32  # 64 at 1024^2 crops (the released HRDA config); 32 at 512^2
+    masktwins.ratio = 0.5
+    masktwins.num_views = 2  # 2 = the mask and its complement; K > 2: the K-view partition
+    masktwins.complementary = True  # False: independent masks (the "random two masks" ablation)
+    masktwins.augment = True  # colour-augment the target before masking (MIC's 'separatetrgaug')
+    masktwins.weight = 1.0  # lambda_MIC on the views' mean cross-entropy
+    masktwins.consistency_weight = 0.01  # MSE between the views' raw logits, gradients through both
 
     # ---------------------------------------------------------------- T2S-DA pulling loss (method.md 5)
     pull = config.pull = ml_collections.ConfigDict()

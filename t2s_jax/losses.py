@@ -47,3 +47,8 @@ def cross_entropy(
     if weights is not None:
         per_pixel = per_pixel * weights.astype(jnp.float32)
     return jnp.mean(per_pixel)
+
+
+def segmentation_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """`cross_entropy` of stride-4 `(B, h, w, K)` logits upsampled to the `(B, H, W)` labels (mmseg)."""
+    return cross_entropy(upsample_logits(logits, labels.shape[1:3]), labels, weights=weights)

@@ -107,7 +107,7 @@ def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
     NumPy arrays (file names, strings, metadata) stay on the host and are left out.
     """
     sharding = data_sharded(mesh)
-    local_devices = jax.local_device_count()
+    local_devices = sum(device.process_index == jax.process_index() for device in mesh.devices.flat)
     arrays = {}
     for key, value in host_batch.items():
         if not _is_batch_array(value):
@@ -115,7 +115,7 @@ def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
         if value.ndim == 0 or value.shape[0] % local_devices:
             raise ValueError(
                 f"batch entry {key!r} has shape {value.shape}: its leading (per-process batch) axis must be "
-                f"divisible by the {local_devices} local devices of process {jax.process_index()}"
+                f"divisible by the {local_devices} devices of the mesh in process {jax.process_index()}"
             )
         arrays[key] = jax.make_array_from_process_local_data(sharding, value)
     return arrays

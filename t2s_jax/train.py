@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from t2s_jax import checkpointing, data, evaluate, parallel, reporting, steps
+from t2s_jax import checkpointing, data, evaluate, methods, parallel, reporting, steps
 from t2s_jax.classes import CITYSCAPES_CLASSES
 from t2s_jax.models import build_segmentor, load_pretrained_encoder
 from t2s_jax.optim import make_optimizer
@@ -29,14 +29,10 @@ from t2s_jax.optim import make_optimizer
 # ---------------------------------------------------------------------------- model state
 
 
-def needs_projector(config: ml_collections.ConfigDict) -> bool:
-    return config.method in ("t2s", "dg")
-
-
 def model_config_for_run(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The model settings of this run: the projector exists only where the method uses it."""
+    """The model settings of this run: the projector exists only where a term reads it."""
     model_config = ml_collections.ConfigDict(config.model.to_dict())
-    model_config.projector.enabled = needs_projector(config)
+    model_config.projector.enabled = methods.needs_projector(config)
     return model_config
 
 
@@ -72,7 +68,10 @@ def create_train_state(
     graphdef, params, batch_stats = create_model_state(config, mesh)
     optimizer = make_optimizer(config.optim, num_steps)
     state = jax.jit(
-        lambda p, s: steps.initial_train_state(p, s, optimizer, config.seed),
+        lambda p, s: steps.initial_train_state(
+            p, s, optimizer, config.seed,
+            with_mask_teacher=steps.mask_teacher_alpha(methods.build_terms(config)) is not None,
+        ),
         out_shardings=parallel.replicated(mesh),
     )(params, batch_stats)
     # The ImageNet reference of the feature distance is the initial encoder, kept frozen.
@@ -351,8 +350,7 @@ def train_methods(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     results: dict[str, list[dict]] = {}
     for method in config.compare_methods:
         for seed in seeds:
-            run_config = ml_collections.ConfigDict(config.to_dict())
-            run_config.method = method
+            run_config = methods.with_method(config, method)
             run_config.seed = seed
             run_dir = os.path.join(workdir, method) if len(seeds) == 1 else os.path.join(workdir, method, f"seed_{seed}")
             results.setdefault(method, []).append(train_and_evaluate(run_config, run_dir))

@@ -57,7 +57,7 @@ class Segmentor(nnx.Module):
         self.projector_input = projector_config.input
         if projector_config.input not in ("decoder", "encoder"):
             raise ValueError(f"unknown projector input {projector_config.input!r}; expected 'decoder' or 'encoder'")
-        if projector_config.enabled:
+        if projector_config.get("enabled", False):
             in_channels = int(model_config.head_channels) if projector_config.input == "decoder" else embed_dims[-1]
             self.projector = Projector(
                 in_channels,
@@ -97,7 +97,7 @@ class Segmentor(nnx.Module):
         if train and dropout_key is None:
             raise ValueError("Segmentor.forward(train=True) needs a dropout_key for stochastic depth and dropout")
         if with_projection and self.projector is None:
-            raise ValueError("with_projection=True but the projector is disabled (config.model.projector.enabled)")
+            raise ValueError("with_projection=True but this model was built without the projector")
         use_batch_stats = train if use_batch_stats is None else use_batch_stats
         encoder_key = head_key = None
         if train:

@@ -185,3 +185,20 @@ def strong_augment(
         return image * 255.0
 
     return jax.vmap(augment_one)(jax.random.split(key, images.shape[0]), images)
+
+
+def strong_augment_options(uda_config, images_hw: tuple[int, int]) -> dict:
+    """`strong_augment`'s keyword arguments from `config.uda` for images of `images_hw`;
+    DAFormer sizes the blur kernel per axis."""
+    height, width = images_hw
+    return dict(
+        color_jitter_prob=uda_config.color_jitter_prob,
+        color_jitter_strength=uda_config.color_jitter_strength,
+        color_jitter_hue=uda_config.color_jitter_hue,
+        blur_prob=uda_config.blur_prob,
+        blur_sigma=tuple(uda_config.blur_sigma),
+        blur_kernel_size=(
+            blur_kernel_size_for(height, uda_config.blur_kernel_fraction),
+            blur_kernel_size_for(width, uda_config.blur_kernel_fraction),
+        ),
+    )

@@ -13,10 +13,16 @@ The result is unweighted: the caller multiplies by `uda.fd_weight`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from t2s_jax.models import SegmentorOutput
+from t2s_jax.uda.source import SOURCE_PASS
+from t2s_jax.uda.term import Losses, Metrics, StepContext, Term
 
 
 def downscale_label_ratio(
@@ -72,3 +78,34 @@ def thing_feature_distance(
     distance = _safe_l2_norm(difference)
     num_cells = jnp.sum(mask)
     return jnp.sum(jnp.where(mask, distance, 0.0)) / jnp.maximum(num_cells, 1).astype(jnp.float32)
+
+
+class FeatureDistanceTerm(Term):
+    """fd_weight * thing-class feature distance of the student's source pass to the frozen
+    ImageNet encoder (method.md 4.3). Reads the source pass; adds none of its own."""
+
+    name = "feature_distance"
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.weight = float(config.uda.fd_weight)
+        self.thing_classes = tuple(config.uda.fd_classes)
+        self.min_ratio = float(config.uda.fd_min_ratio)
+        self.num_classes = int(config.model.num_classes)
+
+    def prepare(self, context: StepContext) -> tuple[dict, Any]:
+        return {SOURCE_PASS: context.source_image}, None
+
+    def losses(
+        self, context: StepContext, student: Mapping[str, SegmentorOutput], prepared: Any
+    ) -> tuple[Losses, Metrics]:
+        if self.weight <= 0:
+            return {"loss_fd": jnp.zeros((), jnp.float32)}, {}
+        distance = thing_feature_distance(
+            student[SOURCE_PASS].encoder_features[-1],
+            context.imagenet_features(context.source_image),
+            context.source_label,
+            thing_classes=self.thing_classes,
+            min_ratio=self.min_ratio,
+            num_classes=self.num_classes,
+        )
+        return {"loss_fd": self.weight * distance}, {}

@@ -12,6 +12,17 @@ import jax
 import jax.numpy as jnp
 
 
+def trusted_rows(height: int, ignore_top: int, ignore_bottom: int) -> jax.Array:
+    """(H,) bool: crop rows whose pseudo-labels count (not in [0, top) nor [H - bottom, H))."""
+    if ignore_top < 0 or ignore_bottom < 0 or ignore_top + ignore_bottom > height:
+        raise ValueError(
+            f"pseudo_labels: ignore_top={ignore_top}, ignore_bottom={ignore_bottom} "
+            f"do not fit a crop of height {height}"
+        )
+    rows = jnp.arange(height)
+    return (rows >= ignore_top) & (rows < height - ignore_bottom)
+
+
 def pseudo_labels(
     teacher_logits: jax.Array, *, threshold: float, ignore_top: int, ignore_bottom: int
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -19,17 +30,10 @@ def pseudo_labels(
 
     All outputs carry `stop_gradient`: pseudo-labels are targets, not a path to the teacher.
     """
-    height = teacher_logits.shape[1]
-    if ignore_top < 0 or ignore_bottom < 0 or ignore_top + ignore_bottom > height:
-        raise ValueError(
-            f"pseudo_labels: ignore_top={ignore_top}, ignore_bottom={ignore_bottom} "
-            f"do not fit a crop of height {height}"
-        )
+    rows = trusted_rows(teacher_logits.shape[1], ignore_top, ignore_bottom)
     probs = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
     confidence = jnp.max(probs, axis=-1)
     labels = jnp.argmax(probs, axis=-1).astype(jnp.int32)
     quality = jnp.mean((confidence >= threshold).astype(jnp.float32))
-    rows = jnp.arange(height)
-    trusted_rows = (rows >= ignore_top) & (rows < height - ignore_bottom)
-    pixel_weight = jnp.broadcast_to(jnp.where(trusted_rows[:, None], quality, 0.0), confidence.shape)
+    pixel_weight = jnp.broadcast_to(jnp.where(rows[:, None], quality, 0.0), confidence.shape)
     return labels, pixel_weight, confidence, quality

@@ -331,7 +331,7 @@ def combine(
     return jnp.sum(weights * class_loss) / jnp.where(total > 0, total, 1.0)
 
 
-def _check_options(loss: str, key_domain: str, has_target: bool, domain_equalised: bool, reweighting: bool) -> None:
+def check_options(loss: str, key_domain: str, has_target: bool, domain_equalised: bool, reweighting: bool) -> None:
     if loss not in LOSSES:
         raise ValueError(f"unknown pull.loss {loss!r}; expected one of {LOSSES}")
     if key_domain not in KEY_DOMAINS:
@@ -429,7 +429,7 @@ def pulling_loss(
     pass None for the three target inputs, with DENPS and DRW off.
     """
     has_target = target_key_features is not None
-    _check_options(loss, key_domain, has_target, domain_equalised_negatives, dynamic_reweighting)
+    check_options(loss, key_domain, has_target, domain_equalised_negatives, dynamic_reweighting)
     if query_features.shape[:-1] != query_labels.shape or source_key_features.shape[:-1] != source_labels.shape:
         raise ValueError(
             f"pulling_loss: features {query_features.shape} / {source_key_features.shape} do not match label "

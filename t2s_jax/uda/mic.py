@@ -1,0 +1,147 @@
+"""MIC, masked image consistency (hosts.md section 8; lhoyer/MIC `masking_consistency_module.py`).
+
+One extra student pass on block-masked images, trained with cross-entropy against the
+host's pseudo-labels of the clean target and their weights BEFORE ClassMix (no extra
+teacher pass by default). `mic.mode` picks the images, as the original's `mask_mode`:
+
+| mode | images | labels | weights | colour aug |
+|---|---|---|---|---|
+| separatetrgaug (default) | the B target images | pseudo-labels | pseudo-label weights | yes |
+| separatetrg | the B target images | pseudo-labels | pseudo-label weights | no |
+| separatesrcaug / separatesrc | the B source images | source labels | 1 | yes / no |
+| separateaug / separate (B = 2) | source[0] and target[0] | y_s[0], pseudo-label[0] | 1, w[0] | yes / no |
+
+The colour augmentation is the host's strong augmentation with MIC's own draws (one
+jitter coin and one blur coin per batch, per-image jitter factors, one op order and one
+blur sigma per batch: one kornia call over the batch), applied before masking so mask
+edges stay sharp. The CE covers every pixel, masked or not, mean over all N*H*W.
+
+Teacher: 'same' alpha and threshold reuse the host's pseudo-labels. Another
+`mic.pseudo_threshold` re-weights them (q recomputed from the same teacher confidences;
+'none' = no confidence weight, only the ignored crop rows). Another `mic.teacher_alpha`
+makes a separate EMA teacher (state `mask_teacher_params`, updated at the start of the
+step like the host teacher; alpha 0 = the current student), whose own forward on the
+clean target gives the pseudo-labels, as the original does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from t2s_jax import losses
+from t2s_jax.models import SegmentorOutput
+from t2s_jax.uda import augment, masking, pseudo_labels
+from t2s_jax.uda.term import Losses, Metrics, PseudoLabels, StepContext, Term
+
+MODES = ("separatetrgaug", "separatetrg", "separatesrcaug", "separatesrc", "separateaug", "separate")
+MASKED_PASS = "masked"
+
+
+def parse_same_or_float(name: str, value: str, *, allow_none: bool = False) -> float | None | str:
+    """'same' -> 'same'; 'none' (if allowed) -> None; a number as text -> float; else a clear error."""
+    text = str(value).strip().lower()
+    if text == "same" or (allow_none and text == "none"):
+        return "same" if text == "same" else None
+    try:
+        return float(text)
+    except ValueError:
+        allowed = "'same', 'none' or a number" if allow_none else "'same' or a number"
+        raise ValueError(f"config.{name}={value!r}; expected {allowed}") from None
+
+
+def mic_augment(key: jax.Array, images: jax.Array, uda_config: ml_collections.ConfigDict) -> jax.Array:
+    """The host's colour augmentation with MIC's own per-batch coins, order and blur sigma."""
+    options = augment.strong_augment_options(uda_config, images.shape[1:3])
+    return augment.strong_augment(key, images, **options)
+
+
+def rethresholded(pseudo: PseudoLabels, threshold: float | None, valid_rows: jax.Array) -> jax.Array:
+    """(B, H, W) pixel weights q' * V for another confidence threshold (None: V alone)."""
+    if threshold is None:
+        quality = jnp.ones((), jnp.float32)
+    else:
+        quality = jnp.mean((pseudo.confidence >= threshold).astype(jnp.float32))
+    return jnp.broadcast_to(jnp.where(valid_rows[:, None], quality, 0.0), pseudo.confidence.shape)
+
+
+class MaskedTargets(NamedTuple):
+    label: jax.Array
+    weight: jax.Array
+
+
+class MicTerm(Term):
+    """mic.weight * CE(student(masked images), pseudo-labels, weights)."""
+
+    name = "mic"
+    teacher_views = ("target",)
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        mic = config.mic
+        if mic.mode not in MODES:
+            raise ValueError(f"config.mic.mode={mic.mode!r}; expected one of {MODES}")
+        self.mic = mic
+        self.uda = config.uda
+        self.uses_target = "src" not in mic.mode
+        self.needs_target = self.uses_target
+        self.needs_pseudo_labels = self.uses_target
+        self.teacher_views = ("target",) if self.uses_target else ()
+        alpha = parse_same_or_float("mic.teacher_alpha", mic.teacher_alpha)
+        self.teacher_alpha = None if alpha == "same" else alpha
+        self.threshold = parse_same_or_float("mic.pseudo_threshold", mic.pseudo_threshold, allow_none=True)
+        if self.threshold == "same":
+            self.threshold = float(config.uda.pseudo_threshold)
+        self.rethreshold = self.threshold != float(config.uda.pseudo_threshold)
+        if mic.mode in ("separate", "separateaug") and config.data.batch_size != 2:
+            raise ValueError(f"config.mic.mode={mic.mode!r} needs config.data.batch_size=2 (source[0] + target[0])")
+
+    def _target_pseudo_labels(self, context: StepContext) -> PseudoLabels:
+        if self.teacher_alpha is None:
+            return context.pseudo
+        teacher = context.teacher_forward(context.mask_teacher_params, context.target_image)
+        labels, weight, confidence, quality = pseudo_labels.pseudo_labels(
+            losses.upsample_logits(teacher.logits, context.target_image.shape[1:3]),
+            threshold=self.threshold if self.threshold is not None else 0.0,
+            ignore_top=self.uda.pseudo_ignore_top,
+            ignore_bottom=self.uda.pseudo_ignore_bottom,
+        )
+        return PseudoLabels(labels, weight, confidence, quality)
+
+    def _target_weight(self, pseudo: PseudoLabels, height: int) -> jax.Array:
+        if self.teacher_alpha is None and not self.rethreshold:
+            return pseudo.weight
+        rows = pseudo_labels.trusted_rows(height, self.uda.pseudo_ignore_top, self.uda.pseudo_ignore_bottom)
+        return rethresholded(pseudo, self.threshold, rows)
+
+    def _images_and_targets(self, context: StepContext) -> tuple[jax.Array, MaskedTargets]:
+        mode = self.mic.mode
+        source_image, source_label = context.source_image, context.source_label
+        if "src" in mode:
+            return source_image, MaskedTargets(source_label, jnp.ones(source_label.shape, jnp.float32))
+        pseudo = self._target_pseudo_labels(context)
+        weight = self._target_weight(pseudo, source_label.shape[1])
+        if "trg" in mode:
+            return context.target_image, MaskedTargets(pseudo.label, weight)
+        images = jnp.stack([source_image[0], context.target_image[0]])
+        labels = jnp.stack([source_label[0], pseudo.label[0]])
+        weights = jnp.stack([jnp.ones_like(weight[0]), weight[0]])
+        return images, MaskedTargets(labels, weights)
+
+    def prepare(self, context: StepContext) -> tuple[dict, MaskedTargets]:
+        images, targets = self._images_and_targets(context)
+        if self.mic.mode.endswith("aug"):
+            images = mic_augment(context.keys["mask_augment"], images, self.uda)
+        keep = masking.block_masks(
+            context.keys["mask"], images.shape[0], images.shape[1:3], int(self.mic.block_size), float(self.mic.ratio)
+        )
+        return {MASKED_PASS: masking.apply_mask(images, keep)}, targets
+
+    def losses(
+        self, context: StepContext, student: Mapping[str, SegmentorOutput], prepared: MaskedTargets
+    ) -> tuple[Losses, Metrics]:
+        loss = losses.segmentation_loss(student[MASKED_PASS].logits, prepared.label, prepared.weight)
+        return {"loss_mic": self.mic.weight * loss}, {}

@@ -1,0 +1,183 @@
+"""The composed UDA step: every preset keeps its numbers, the logged total is the sum of the
+logged weighted terms, every pulling-loss domain and engine runs, and the new presets
+(MIC, T2S-DA w/ MIC, MaskTwins) compile once and equal on 8 devices and on 1."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from t2s_jax import methods, parallel, train
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny  # noqa: E402
+
+THING_CLASSES = (11, 13, 18)
+
+# One step of each preset on `_batch(0)` then `_batch(1)` from the tiny config of `_config`,
+# recorded before the step was recomposed into terms (the pulling loss's own metrics were
+# renamed pull_*, and loss_pull became the weighted term lambda * L_pull).
+PINNED = {'source_only': {'step_1': {'grad_norm': 0.889326632,
+                            'learning_rate': 0.0006,
+                            'loss': 2.760702848,
+                            'loss_source': 2.760702848},
+                 'step_2_loss': 2.752797604,
+                 'abs_sum_params': 33435.697118643824,
+                 'abs_sum_teacher': 33328.117377920564},
+ 'daformer': {'step_1': {'grad_norm': 1.040439129,
+                         'learning_rate': 0.0006,
+                         'loss': 4.052693367,
+                         'loss_fd': 0.000301971,
+                         'loss_mixed': 1.293676615,
+                         'loss_source': 2.758714914,
+                         'pseudo_label_accuracy': 0.034765624,
+                         'pseudo_quality': 0.072265625},
+              'step_2_loss': 4.538479328,
+              'abs_sum_params': 33435.10619400143,
+              'abs_sum_teacher': 33327.75070487778},
+ 't2s': {'step_1': {'grad_norm': 1.133793831,
+                    'learning_rate': 0.0006,
+                    'loss': 4.279269218,
+                    'loss_fd': 0.000717937,
+                    'loss_mixed': 1.291614056,
+                    'loss_pull': 0.227339506,
+                    'loss_source': 2.759597301,
+                    'pseudo_label_accuracy': 0.034765624,
+                    'pseudo_quality': 0.072265625,
+                    'pull_classes_present': 15.0,
+                    'pull_negative_similarity': 0.38306126,
+                    'pull_num_queries': 240.0,
+                    'pull_positive_similarity': 0.666891634,
+                    'pull_unreliable_threshold': 0.057787172,
+                    'pull_unweighted': 2.273395061},
+         'step_2_loss': 4.713951111,
+         'abs_sum_params': 37615.187794967365,
+         'abs_sum_teacher': 37467.94966750371},
+ 'dg': {'step_1': {'grad_norm': 0.99978292,
+                   'learning_rate': 0.0006,
+                   'loss': 2.984854937,
+                   'loss_pull': 0.226139948,
+                   'loss_source': 2.758714914,
+                   'pull_classes_present': 15.0,
+                   'pull_negative_similarity': 0.380820721,
+                   'pull_num_queries': 240.0,
+                   'pull_positive_similarity': 0.667193174,
+                   'pull_unreliable_threshold': 0.0,
+                   'pull_unweighted': 2.261399508},
+        'step_2_loss': 3.00208497,
+        'abs_sum_params': 37617.655157528454,
+        'abs_sum_teacher': 37468.63966998023}}
+
+
+def _batch(seed, hw=(64, 64), batch_size=2, classes=tuple(range(19))):
+    rng = np.random.default_rng(seed)
+    # 16-pixel blocks; a thing class over each image's first 32x32 cell so the FD mask is not empty.
+    blocks = rng.choice(np.asarray(classes), size=(batch_size, hw[0] // 16, hw[1] // 16))
+    blocks[:, :2, :2] = rng.choice(np.asarray(THING_CLASSES), size=(batch_size, 1, 1))
+    labels = np.kron(blocks, np.ones((16, 16), np.int64)).astype(np.uint8)
+    labels[:, -4:, :] = 255
+    return {
+        "source_image": rng.integers(0, 256, (batch_size, *hw, 3), dtype=np.uint8),
+        "source_label": labels,
+        "target_image": rng.integers(0, 256, (batch_size, *hw, 3), dtype=np.uint8),
+        "target_label": labels[::-1].copy(),
+    }
+
+
+def _config(method, **overrides):
+    config = tiny.tiny_config("unused", "t2s", **{
+        "uda.fd_weight": 0.005, "optim.warmup_steps": 0, "uda.pseudo_threshold": 0.06,
+        "uda.pseudo_ignore_top": 4, "uda.pseudo_ignore_bottom": 8, "mic.block_size": 16,
+        "masktwins.block_size": 16, **overrides,
+    })  # fmt: skip
+    return methods.with_method(config, method)
+
+
+def _run(config, batches, num_devices=1):
+    """Metrics of each step over `batches` and the final state; the jitted step's cache size."""
+    mesh = parallel.make_mesh(num_devices)
+    graphdef, state, imagenet, optimizer = train.create_train_state(config, mesh, 100)
+    step = train.jit_train_step(config, graphdef, optimizer, mesh, 100)
+    history = []
+    for batch in batches:
+        if not config.data.target:
+            batch = {k: v for k, v in batch.items() if k.startswith("source")}
+        state, metrics = step(state, parallel.global_batch(batch, mesh), imagenet)
+        history.append(jax.device_get(metrics))
+    return history, jax.device_get(state), step._cache_size()
+
+
+def _abs_sum(tree):
+    return float(sum(np.abs(np.asarray(leaf, np.float64)).sum() for leaf in jax.tree.leaves(tree)))
+
+
+def _assert_total_is_the_sum_of_the_terms(metrics):
+    terms = [name for name in metrics if name.startswith("loss_")]
+    assert terms, sorted(metrics)
+    np.testing.assert_allclose(metrics["loss"], sum(float(metrics[name]) for name in terms), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", list(PINNED))
+def test_presets_keep_their_numbers(method):
+    pinned = PINNED[method]
+    history, state, _ = _run(_config(method), [_batch(0), _batch(1)])
+    assert set(history[0]) == set(pinned["step_1"])
+    for name, value in pinned["step_1"].items():
+        np.testing.assert_allclose(history[0][name], value, rtol=1e-5, atol=1e-8, err_msg=name)
+    np.testing.assert_allclose(history[1]["loss"], pinned["step_2_loss"], rtol=1e-5)
+    np.testing.assert_allclose(_abs_sum(state.params), pinned["abs_sum_params"], rtol=2e-6)
+    np.testing.assert_allclose(_abs_sum(state.teacher_params), pinned["abs_sum_teacher"], rtol=2e-6)
+    for metrics in history:
+        _assert_total_is_the_sum_of_the_terms(metrics)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"pull.query_domain": "source", "pull.key_domain": "target"},
+        {"pull.query_domain": "target"},
+        {"pull.translation": "gaussian_blur", "pull.loss": "mse"},
+    ],
+    ids=["source_queries_target_keys", "target_queries", "blur_engine_mse"],
+)
+def test_every_pulling_domain_and_engine_trains(overrides):
+    history, state, _ = _run(_config("t2s", **overrides), [_batch(0), _batch(1)])
+    for metrics in history:
+        assert all(np.isfinite(value) for value in metrics.values()), metrics
+        assert metrics["pull_unweighted"] > 0 and metrics["pull_num_queries"] > 0
+        _assert_total_is_the_sum_of_the_terms(metrics)
+
+
+@pytest.mark.parametrize("method", ["mic", "t2s_mic", "masktwins"])
+def test_new_presets_compile_once_and_8_devices_equal_1(method):
+    config = _config(method, **{"data.batch_size": 8, "model.encoder.drop_path_rate": 0.0})
+    batches = [_batch(0, batch_size=8), _batch(1, batch_size=8, classes=(0, 13)), _batch(2, batch_size=8, classes=(255,))]
+    history, _, cache_size = _run(config, batches)
+    assert cache_size == 1
+    masked_loss = {"mic": "loss_mic", "t2s_mic": "loss_mic", "masktwins": "loss_twins"}[method]
+    assert history[0][masked_loss] > 0
+    for metrics in history:
+        _assert_total_is_the_sum_of_the_terms(metrics)
+    on_8, _, _ = _run(config, batches[:1], num_devices=8)
+    for name, value in history[0].items():
+        np.testing.assert_allclose(on_8[0][name], value, rtol=2e-4, atol=1e-5, err_msg=name)
+
+
+def test_term_lists_and_their_errors():
+    assert methods.term_names(_config("t2s_mic")) == ("source", "feature_distance", "dacs", "pull", "mic")
+    config = _config("daformer")
+    config.terms = ("source", "mic")
+    assert [term.name for term in methods.build_terms(config)] == ["source", "mic"]
+    assert not methods.needs_projector(config)
+    config.terms = ("source", "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        methods.build_terms(config)
+    no_target = _config("daformer")
+    no_target.data.target = ""
+    with pytest.raises(ValueError, match="config.data.target is empty"):
+        methods.build_terms(no_target)
+    dg = methods.with_method(_config("t2s"), "dg")
+    assert dg.data.target == "" and dg.pull.translation == "color_jitter"
+    assert not dg.pull.dynamic_reweighting and not dg.pull.domain_equalised_negatives
