@@ -191,19 +191,8 @@ def _source_only_losses(context: _StepContext, params, batch):
 
 
 def _augment_options(uda: ml_collections.ConfigDict, images: jax.Array) -> dict:
-    """Strong-augmentation settings (method.md 4.6); DAFormer sizes the blur kernel per axis."""
-    height, width = images.shape[1:3]
-    return dict(
-        color_jitter_prob=uda.color_jitter_prob,
-        color_jitter_strength=uda.color_jitter_strength,
-        color_jitter_hue=uda.color_jitter_hue,
-        blur_prob=uda.blur_prob,
-        blur_sigma=tuple(uda.blur_sigma),
-        blur_kernel_size=(
-            augment.blur_kernel_size_for(height, uda.blur_kernel_fraction),
-            augment.blur_kernel_size_for(width, uda.blur_kernel_fraction),
-        ),
-    )
+    """Strong-augmentation settings (method.md 4.6) for `images`, DACS's per-image draws."""
+    return augment.strong_augment_options(uda, images.shape[1:3])
 
 
 def _pseudo_target(context: _StepContext, source_0_255, target_0_255):
