@@ -2,6 +2,6 @@
 
 builders: the TFDS builders (gta5, synthia, cityscapes, image_folder, synthetic_city);
 convert: per-file conversion and the report; labels: raw id -> train id tables;
-png16: a 16-bit PNG reader (SYNTHIA labels); synthetic_city: the procedural domain pair;
+synthetic_city: the procedural domain pair;
 bench: input pipeline throughput at GTA5 size.
 """

@@ -14,10 +14,10 @@ import io
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 
+import cv2
 import numpy as np
 from PIL import Image
 
-from data_pipelines import png16
 from t2s_jax.classes import IGNORE_INDEX
 
 
@@ -27,7 +27,7 @@ class LabelFormat:
 
     lookup: np.ndarray  # (65536,) uint8: raw id -> train id, 255 = ignore
     known_ids: frozenset[int]  # ids the dataset defines; any other id is reported as unknown
-    sixteen_bit_first_channel: bool = False  # SYNTHIA: 16-bit PNG, class in the first channel
+    sixteen_bit_first_channel: bool = False  # SYNTHIA: 16-bit RGB PNG, class in the first (R) channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +70,8 @@ def _read_image(path: str) -> tuple[bytes, tuple[int, int]]:
 
 def _read_raw_label(path: str, label_format: LabelFormat) -> np.ndarray:
     if label_format.sixteen_bit_first_channel:
-        with open(path, "rb") as f:
-            return png16.decode_png(f.read())[..., 0]
+        return _read_sixteen_bit_red(path)
+    # 8-bit ids or palette indices: Pillow, as mmseg's LoadAnnotations (cv2 would expand palettes to BGR).
     with Image.open(path) as label:
         label.load()
         if label.mode not in ("L", "P", "I;16"):
@@ -79,11 +79,21 @@ def _read_raw_label(path: str, label_format: LabelFormat) -> np.ndarray:
         return np.asarray(label)
 
 
+def _read_sixteen_bit_red(path: str) -> np.ndarray:
+    """The R channel of a 16-bit colour PNG, read as DAFormer's SYNTHIA conversion does
+    (`cv2.imread(path, cv2.IMREAD_UNCHANGED)`, BGR(A) order; Pillow truncates 16-bit RGB)."""
+    label = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise ValueError("OpenCV cannot decode it")
+    if label.ndim != 3 or label.shape[2] not in (3, 4):
+        raise ValueError(f"expected a colour PNG with the class in the R channel, got shape {label.shape}")
+    return label[..., 2]
+
+
 def resize_nearest(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize: output pixel i samples input floor((i + 0.5) * in / out)."""
-    rows = ((np.arange(hw[0]) + 0.5) * label.shape[0] / hw[0]).astype(np.int64)
-    cols = ((np.arange(hw[1]) + 0.5) * label.shape[1] / hw[1]).astype(np.int64)
-    return label[rows[:, None], cols[None, :]]
+    """Nearest-neighbour resize with `cv2.INTER_NEAREST` (mmcv's label resize): output pixel i
+    samples input floor(i * in / out)."""
+    return cv2.resize(label, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
 
 
 def convert_pair(pair: Pair, label_format: LabelFormat) -> Converted:

@@ -118,10 +118,12 @@ def default_config() -> ml_collections.ConfigDict:
     uda.pseudo_threshold = 0.968  # confidence for the pseudo-label quality q
     uda.pseudo_ignore_top = 15  # crop rows [0, top) get weight 0
     uda.pseudo_ignore_bottom = 120  # crop rows [H-bottom, H) get weight 0 (ego car)
-    uda.color_jitter_prob = 0.8
+    uda.color_jitter_semantics = "kornia"  # 'kornia' (DAFormer's kornia 0.5.8 ColorJitter) | 'torchvision'
+    uda.augment_coins = "batch"  # jitter / blur on-off coins: 'batch' (DAFormer: one per step) | 'image'
+    uda.color_jitter_prob = 0.8  # DAFormer: jitter iff a U(0, 1) coin > 0.2
     uda.color_jitter_strength = 0.2  # brightness, contrast, saturation
     uda.color_jitter_hue = 0.2
-    uda.blur_prob = 0.5
+    uda.blur_prob = 0.5  # DAFormer: blur iff a U(0, 1) coin > 0.5
     uda.blur_sigma = (0.15, 1.15)
     uda.blur_kernel_fraction = 0.1  # kernel = odd(fraction * crop side): 51 for 512 crops
     uda.fd_weight = 0.005  # ImageNet feature distance on thing-class cells; 0 disables

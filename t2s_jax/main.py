@@ -18,7 +18,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, log
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming if possible) or evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "--mode=eval: checkpoint step to evaluate (default: latest).")
 _PRETRAINED = flags.DEFINE_string(
-    "pretrained", "", "--mode=eval: evaluate an imported Hugging Face SegFormer directory instead."
+    "pretrained",
+    "",
+    "--mode=eval: evaluate a pretrained segmentor instead: a Hugging Face SegFormer directory or a "
+    "directory written by `python -m t2s_jax.models.convert`.",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "Multi-process: host:port of process 0 (default: from the environment)."

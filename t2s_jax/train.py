@@ -305,9 +305,9 @@ def evaluate_checkpoint(
     mesh = parallel.make_mesh(config.num_devices)
     data.ensure_prepared(config.data.eval_dataset, config.data.data_dir)
     if pretrained:
-        from t2s_jax.models import from_hf_pretrained
+        from t2s_jax.models import load_segmentor
 
-        model = from_hf_pretrained(pretrained)
+        model = load_segmentor(pretrained)
         graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         params, batch_stats = jax.device_put((params, batch_stats), parallel.replicated(mesh))
         label = pretrained

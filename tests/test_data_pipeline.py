@@ -239,6 +239,38 @@ def test_fit_size_keeps_the_ratio_with_mmcv_rounding(hw, max_hw, expected):
     assert transforms.fit_size(hw, max_hw) == expected
 
 
+def _mmcv_rescale_size(w, h, scale):
+    """mmcv.rescale_size((w, h), scale) for a tuple scale, typed from mmcv 1.x."""
+    max_long_edge, max_short_edge = max(scale), min(scale)
+    scale_factor = min(max_long_edge / max(h, w), max_short_edge / min(h, w))
+    return int(w * float(scale_factor) + 0.5), int(h * float(scale_factor) + 0.5)
+
+
+def test_fit_size_is_mmcv_rescale_size():
+    rng = np.random.default_rng(0)
+    for h, w, bound_h, bound_w in rng.integers(20, 3000, (500, 4)):  # both orientations
+        expected_w, expected_h = _mmcv_rescale_size(int(w), int(h), (int(bound_w), int(bound_h)))
+        assert transforms.fit_size((int(h), int(w)), (int(bound_h), int(bound_w))) == (expected_h, expected_w)
+    assert transforms.fit_size((1914, 1052), (720, 1280)) == (1280, 704)  # portrait: the long bound is 1280
+
+
+def test_image_resize_is_opencv_bilinear_without_antialiasing():
+    # A 2x shrink with half-pixel centres samples between 2x2 pixels: their mean (uint8 rounding).
+    image = np.random.default_rng(1).integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    box_mean = image.reshape(4, 2, 5, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    np.testing.assert_allclose(transforms.resize_image(image, (4, 5)), box_mean, atol=1)
+    assert transforms.resize_image(image, (8, 10)) is image
+
+
+def test_label_resize_is_nearest():
+    label = np.random.default_rng(2).choice(np.array([0, 3, 7, 255], np.uint8), size=(9, 13))
+    for hw in ((4, 6), (5, 7), (20, 31), (9, 13)):
+        out = transforms.resize_label(label, hw)
+        assert out.shape == hw and out.dtype == np.uint8
+        assert set(np.unique(out)) <= {0, 3, 7, 255}
+    np.testing.assert_array_equal(transforms.resize_label(label[:8, :12], (4, 6)), label[:8:2, :12:2])
+
+
 def test_cat_max_ratio_redraws_until_the_crop_is_mixed():
     label = np.zeros((10, 100), np.uint8)
     label[:, 90:] = 1  # only crops reaching column 90 hold two classes

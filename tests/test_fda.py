@@ -97,12 +97,16 @@ def test_bad_input_errors():
 # ---------------------------------------------------------------- pseudo-target engines
 _ENGINE_KNOBS = dict(
     fda_beta=0.2,
+    color_jitter_semantics="kornia",
     color_jitter_prob=1.0,
     color_jitter_strength=0.4,
     color_jitter_hue=0.2,
     blur_prob=1.0,
     blur_sigma=(1.0, 1.5),
     blur_kernel_size=5,
+    coins_per="batch",
+    order_per="image",
+    sigma_per="image",
 )
 
 

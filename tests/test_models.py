@@ -129,8 +129,13 @@ def test_ghost_batchnorm_matches_per_group_numpy():
         expected[g::3] = (p - means[g]) / np.sqrt(variances[g] + 1e-5)
     expected = expected * np.asarray(bn.scale[...]) + np.asarray(bn.bias[...])
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(bn.mean[...], 0.1 * means.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * variances.mean(0), rtol=1e-5)
+    # Running statistics: one PyTorch-style update per pass, in pass order, unbiased variance.
+    running_mean, running_var, n = np.zeros(5), np.ones(5), 2 * 3 * 4
+    for g in range(3):
+        running_mean = 0.9 * running_mean + 0.1 * means[g]
+        running_var = 0.9 * running_var + 0.1 * variances[g] * n / (n - 1)
+    np.testing.assert_allclose(bn.mean[...], running_mean, rtol=1e-5)
+    np.testing.assert_allclose(bn.var[...], running_var, rtol=1e-5)
 
     # Running statistics in evaluation, and no update.
     before = np.asarray(bn.mean[...])
@@ -260,11 +265,13 @@ def test_ghost_batches_equal_separate_passes():
     assert rel_err(joint_first, first.logits) < 1e-5
     assert rel_err(joint_second, second.logits) < 1e-5
     assert rel_err(unstack_passes(joint.projection, 2)[1], second.projection) < 1e-5
-    # Running statistics: the average of what the two separate passes would have written.
-    stats = [nnx.to_flat_state(nnx.filter_state(s, nnx.BatchStat)) for s in (joint_state, first_state, second_state)]
-    for (path, j), (_, f), (_, s) in zip(*stats):
-        np.testing.assert_allclose(j.get_value(), (f.get_value() + s.get_value()) / 2, rtol=1e-5, atol=1e-6,
-                                   err_msg=str(path))
+    # Running statistics: the first pass's update, then the second's (as two separate forwards):
+    # m * first + second - m * initial, since both separate passes start from the initial state.
+    states = (joint_state, first_state, second_state, nnx.state(model))
+    stats = [nnx.to_flat_state(nnx.filter_state(s, nnx.BatchStat)) for s in states]
+    for (path, j), (_, f), (_, s), (_, r) in zip(*stats):
+        expected = 0.9 * f.get_value() + s.get_value() - 0.9 * r.get_value()
+        np.testing.assert_allclose(j.get_value(), expected, rtol=1e-5, atol=1e-6, err_msg=str(path))
     # And the pass without ghost groups differs (the check above can fail).
     mixed, _ = forward(model, stack_passes([x1, x2]), use_batch_stats=True)
     assert rel_err(unstack_passes(mixed.logits, 2)[0], first.logits) > 1e-3

@@ -90,7 +90,8 @@ def _config(method, **overrides):
     config = tiny.tiny_config("unused", "t2s", **{
         "uda.fd_weight": 0.005, "optim.warmup_steps": 0, "uda.pseudo_threshold": 0.06,
         "uda.pseudo_ignore_top": 4, "uda.pseudo_ignore_bottom": 8, "mic.block_size": 16,
-        "masktwins.block_size": 16, **overrides,
+        "masktwins.block_size": 16, "uda.color_jitter_semantics": "torchvision", "uda.augment_coins": "image",
+        **overrides,
     })  # fmt: skip
     return methods.with_method(config, method)
 
@@ -162,7 +163,10 @@ def test_new_presets_compile_once_and_8_devices_equal_1(method):
         _assert_total_is_the_sum_of_the_terms(metrics)
     on_8, _, _ = _run(config, batches[:1], num_devices=8)
     for name, value in history[0].items():
-        np.testing.assert_allclose(on_8[0][name], value, rtol=2e-4, atol=1e-5, err_msg=name)
+        # grad_norm is in the thousands at random init: the masked passes hold all-zero tokens, whose
+        # LayerNorm gradient is scaled by 1/sqrt(eps) (as in PyTorch); float sums then differ more.
+        rtol = 1e-3 if name == "grad_norm" else 2e-4
+        np.testing.assert_allclose(on_8[0][name], value, rtol=rtol, atol=1e-5, err_msg=name)
 
 
 def test_term_lists_and_their_errors():

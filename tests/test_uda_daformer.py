@@ -191,15 +191,15 @@ def _image(seed, shape=(6, 7, 3)):
 def test_brightness_contrast_saturation_match_torchvision_formulas(factor):
     x = _image(7)
     gray = _np_gray(x)
-    np.testing.assert_allclose(augment.adjust_brightness(x, factor), _np_blend(x, 0.0, factor), atol=1e-6)
-    np.testing.assert_allclose(augment.adjust_contrast(x, factor), _np_blend(x, gray.mean(), factor), atol=1e-6)
-    np.testing.assert_allclose(augment.adjust_saturation(x, factor), _np_blend(x, gray, factor), atol=1e-6)
+    np.testing.assert_allclose(augment.torchvision_brightness(x, factor), _np_blend(x, 0.0, factor), atol=1e-6)
+    np.testing.assert_allclose(augment.torchvision_contrast(x, factor), _np_blend(x, gray.mean(), factor), atol=1e-6)
+    np.testing.assert_allclose(augment.torchvision_saturation(x, factor), _np_blend(x, gray, factor), atol=1e-6)
 
 
 @pytest.mark.parametrize("shift", [-0.2, 0.07, 0.5])
 def test_hue_matches_hsv_rotation(shift):
     x = _image(8)
-    np.testing.assert_allclose(augment.adjust_hue(x, shift), _np_hue(x.astype(np.float64), shift), atol=1e-5)
+    np.testing.assert_allclose(augment.torchvision_hue(x, shift), _np_hue(x.astype(np.float64), shift), atol=1e-5)
 
 
 @pytest.mark.parametrize("shape,sigma,kernel_size", [((9, 8, 3), 0.8, 5), ((6, 7, 3), 1.1, 13)])
@@ -227,7 +227,8 @@ def test_color_jitter_applies_the_adjustments_in_the_given_order():
     }
     orders = np.array([[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]], np.int32)
     # Batched over orders, as inside `strong_augment`'s vmap.
-    ours = jax.vmap(lambda o: augment.color_jitter(jnp.asarray(x), order=o, **factors))(jnp.asarray(orders))
+    jitter = jax.vmap(lambda o: augment.color_jitter(jnp.asarray(x), order=o, semantics="torchvision", **factors))
+    ours = jitter(jnp.asarray(orders))
     results = []
     for order, out in zip(orders, np.asarray(ours)):
         expected = x.astype(np.float64)
@@ -238,8 +239,10 @@ def test_color_jitter_applies_the_adjustments_in_the_given_order():
     assert np.abs(results[0] - results[1]).max() > 1e-2  # the order matters for these factors
 
 
-AUGMENT = dict(color_jitter_prob=1.0, color_jitter_strength=0.0, color_jitter_hue=0.0,
-               blur_prob=0.0, blur_sigma=(0.15, 1.15), blur_kernel_size=3)
+# torchvision semantics with per-image coins here; tests/test_augment_kornia.py covers DAFormer's.
+AUGMENT = dict(color_jitter_semantics="torchvision", color_jitter_prob=1.0, color_jitter_strength=0.0,
+               color_jitter_hue=0.0, blur_prob=0.0, blur_sigma=(0.15, 1.15), blur_kernel_size=3,
+               coins_per="image", order_per="image", sigma_per="image")
 
 
 def _augment(images, seed=0, **overrides):

@@ -28,6 +28,7 @@ from t2s_jax.models import (
     build_encoder,
     from_hf_pretrained,
     load_pretrained_encoder,
+    load_segmentor,
     maybe_load_pretrained,
     model_config_from_hf,
 )
@@ -247,6 +248,16 @@ def test_truncated_files_name_the_file(tmp_path):
         load_pretrained_encoder(abstract_encoder(hf_config), tmp_path / "absent.pth")
     with pytest.raises(CheckpointError, match="no config.json"):
         from_hf_pretrained(tmp_path)
+    # Neither kind: the message names the path and what is accepted.
+    encoder = abstract_encoder(hf_config)  # the checks fail before anything is loaded into it
+    (tmp_path / "weights.npz").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="unknown checkpoint kind: .*weights.npz; accepted: a PyTorch file"):
+        load_pretrained_encoder(encoder, tmp_path / "weights.npz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty is not a checkpoint directory .*state/ \+ model_config.json"):
+        load_pretrained_encoder(encoder, tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="empty is not a segmentor checkpoint directory"):
+        load_segmentor(tmp_path / "empty")
 
 
 def test_wrong_layout_reports_missing_and_unexpected_keys(tmp_path):
@@ -318,7 +329,8 @@ def test_convert_hf_checkpoint_to_orbax(tmp_path):
 
 
 def test_convert_cli_with_config_loads_encoder_under_daformer_head(tmp_path):
-    """`python -m t2s_jax.models.convert --config=...`: MiT weights under the configured segmentor."""
+    """`python -m t2s_jax.models.convert --config=...`: MiT weights under the configured segmentor;
+    the output directory then serves as `model.pretrained` and as `--mode=eval --pretrained`."""
     torch_model, hf_config = reference("encoder", "B")
     state = mmseg_layout(save_hf(torch_model, tmp_path / "hf"))
     torch.save(state, tmp_path / "mit.pth")
@@ -347,3 +359,22 @@ def test_convert_cli_with_config_loads_encoder_under_daformer_head(tmp_path):
     kv = restored["params"]["encoder"]["stages"]["2"]["blocks"]["attn"]["kv"]["kernel"]  # stacked: 3 blocks
     np.testing.assert_array_equal(kv[1], state["block3.1.attn.kv.weight"].numpy().T)
     assert "aspp_1x1" in restored["params"]["head"]
+
+    # --mode=eval --pretrained=the directory: the whole segmentor, its encoder as from the .pth.
+    segmentor = load_segmentor(tmp_path / "out")
+    assert segmentor.head.__class__.__name__ == "DAFormerHead"
+    from_pth = abstract_encoder(hf_config, scan_blocks=True)
+    from_dir = nnx.clone(from_pth)
+    load_pretrained_encoder(from_pth, tmp_path / "mit.pth")
+    expected = nnx.to_flat_state(nnx.state(from_pth))
+    loaded = dict(nnx.to_flat_state(nnx.state(segmentor.encoder)))
+    assert set(loaded) == {path for path, _ in expected}
+    for path, want in expected:
+        np.testing.assert_array_equal(loaded[path].get_value(), want.get_value(), err_msg=str(path))
+    # model.pretrained = the directory: the encoder again, through the canonical keys.
+    summary = load_pretrained_encoder(from_dir, tmp_path / "out")
+    assert summary.loaded_tensors == len(state) and summary.path == str(tmp_path / "out")
+    for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.state(from_dir)), expected, strict=True):
+        np.testing.assert_array_equal(got.get_value(), want.get_value(), err_msg=str(path))
+    np.testing.assert_array_equal(segmentor.head.aspp_1x1.conv.kernel[...],
+                                  restored["params"]["head"]["aspp_1x1"]["conv"]["kernel"])

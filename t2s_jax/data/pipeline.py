@@ -24,7 +24,7 @@ from t2s_jax.data.rcs import RareClassSampler, make_rare_class_sampler
 from t2s_jax.data.sources import Split, num_examples, open_split
 
 # Threads per process (the main one, or each worker) that compute batches ahead, and how
-# many finished batches they may hold. PIL decoding and resizing release the GIL.
+# many finished batches they may hold. OpenCV decoding and resizing release the GIL.
 _READ_THREADS = 2
 _PREFETCH_BATCHES = 4
 

@@ -1,36 +1,40 @@
-"""Host-side transforms of one example (method.md section 2), NumPy and PIL only.
+"""Host-side transforms of one example (method.md section 2), NumPy and OpenCV.
 
 Images are (H, W, 3) uint8, labels (H, W) uint8 train ids with 255 = ignore. Random
 choices come from the `np.random.Generator` grain hands each element, so every
-transform is a pure function of (example, rng).
+transform is a pure function of (example, rng). Resizing follows mmcv (`imrescale`,
+`imresize`), which DAFormer's pipeline calls: OpenCV bilinear for images, nearest for labels.
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
-from PIL import Image
 
 from data_pipelines.convert import resize_nearest
 from t2s_jax.classes import IGNORE_INDEX
 
 
 def fit_size(hw: tuple[int, int], max_hw: tuple[int, int]) -> tuple[int, int]:
-    """Size of `hw` scaled to fit inside `max_hw`, keeping the aspect ratio.
+    """mmcv's `rescale_size` for a (long edge, short edge) bound given as `max_hw` in either order.
 
-    Rounds like mmcv: int(x * s + 0.5), so GTA5's 1052x1914 fits (720, 1280) as 704x1280.
+    scale = min(long bound / long side, short bound / short side), sides int(x * scale + 0.5):
+    GTA5's 1052x1914 into (720, 1280) gives 704x1280, Cityscapes' 1024x2048 into (512, 1024)
+    gives 512x1024; a portrait image gets its long side bounded by the long bound too.
     """
-    scale = min(max_hw[0] / hw[0], max_hw[1] / hw[1])
+    scale = min(max(max_hw) / max(hw), min(max_hw) / min(hw))
     return int(hw[0] * scale + 0.5), int(hw[1] * scale + 0.5)
 
 
 def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (PIL: antialiased when shrinking)."""
+    """Bilinear resize, `cv2.INTER_LINEAR` as mmcv: half-pixel centres, no antialiasing."""
     if image.shape[:2] == tuple(hw):
         return image
-    return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BILINEAR))
+    return cv2.resize(image, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def resize_label(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize, `cv2.INTER_NEAREST` as mmcv (`convert.resize_nearest`)."""
     if label.shape == tuple(hw):
         return label
     return resize_nearest(label, hw)

@@ -16,12 +16,15 @@ from t2s_jax.models.weights import (
     LoadSummary,
     count_parameters,
     from_hf_pretrained,
+    is_converted_dir,
     load_hf_pretrained,
     load_mit_pth,
     load_pretrained_encoder,
+    load_segmentor,
     maybe_load_pretrained,
     model_config_from_hf,
     read_checkpoint,
+    read_converted,
 )
 
 __all__ = [
@@ -38,14 +41,17 @@ __all__ = [
     "build_segmentor",
     "count_parameters",
     "from_hf_pretrained",
+    "is_converted_dir",
     "load_hf_pretrained",
     "is_encoder_norm_param",
     "is_head_param",
     "load_mit_pth",
     "load_pretrained_encoder",
+    "load_segmentor",
     "maybe_load_pretrained",
     "model_config_from_hf",
     "read_checkpoint",
+    "read_converted",
     "stack_passes",
     "unstack_passes",
 ]

@@ -76,21 +76,26 @@ def resize_bilinear(x: jax.Array, size_hw: tuple[int, int]) -> jax.Array:
 
 
 class BatchNorm(nnx.Module):
-    """BatchNorm over NHWC with ghost batches.
+    """BatchNorm over NHWC with ghost batches, running statistics as PyTorch keeps them.
 
     One jitted training step often runs several passes (source images, mixed images, ...) as
     one batched forward; each pass must be normalised with its own statistics. With
     `num_batch_groups=G` the batch holds G passes interleaved example-major: row i*G + g is
     example i of pass g (`stack_passes` builds it). That layout keeps every example of a
     device on that device when the batch axis is sharded, where consecutive groups would
-    need an all-to-all. Each pass is normalised with its own mean and (biased) variance.
-    The running statistics move towards the average over passes of the pass mean and biased
-    variance (the Flax convention: running_var stores the biased variance; PyTorch stores the
-    unbiased one, a factor n/(n-1) with n = pixels per pass, negligible for segmentation):
+    need an all-to-all. Each pass is normalised with its own mean and biased variance.
 
-        running = momentum * running + (1 - momentum) * mean_over_passes(pass_stat)
+    The running statistics then take one update per pass, in pass order, as DAFormer's
+    separate forwards do (source, then mixed, then the pseudo-target pass of T2S-DA):
 
-    Statistics and normalisation are computed in float32 whatever the compute dtype.
+        for g in 0 .. G-1:
+            mean = momentum * mean + (1 - momentum) * pass_mean[g]
+            var  = momentum * var  + (1 - momentum) * pass_var[g] * n / (n - 1)
+
+    with n the values per channel in one pass: `var` holds the unbiased variance, as PyTorch's
+    `running_var` does (mmseg checkpoints import unchanged, evaluation normalises with it).
+    Flax's `momentum` 0.9 is PyTorch's 0.1. Statistics and normalisation are computed in
+    float32 whatever the compute dtype.
     """
 
     def __init__(self, num_features: int, *, momentum: float, epsilon: float, dtype: jnp.dtype = jnp.float32):
@@ -113,10 +118,15 @@ class BatchNorm(nnx.Module):
             mean = groups.mean(axes, keepdims=True)
             var = jnp.square(groups - mean).mean(axes, keepdims=True)  # two-pass: safe for large means
             y = ((groups - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-            group_mean = jax.lax.stop_gradient(mean.reshape(num_batch_groups, -1).mean(0))
-            group_var = jax.lax.stop_gradient(var.reshape(num_batch_groups, -1).mean(0))
-            self.mean[...] = self.momentum * self.mean[...] + (1.0 - self.momentum) * group_mean
-            self.var[...] = self.momentum * self.var[...] + (1.0 - self.momentum) * group_var
+            values_per_pass = x.size // (num_batch_groups * x.shape[-1])
+            unbiased = values_per_pass / max(values_per_pass - 1, 1)  # n = 1: the variance is 0 anyway
+            pass_means = jax.lax.stop_gradient(mean.reshape(num_batch_groups, -1))
+            pass_vars = jax.lax.stop_gradient(var.reshape(num_batch_groups, -1)) * unbiased
+            running_mean, running_var = self.mean[...], self.var[...]
+            for g in range(num_batch_groups):
+                running_mean = self.momentum * running_mean + (1.0 - self.momentum) * pass_means[g]
+                running_var = self.momentum * running_var + (1.0 - self.momentum) * pass_vars[g]
+            self.mean[...], self.var[...] = running_mean, running_var
         else:
             y = (x32 - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.epsilon)
         return (y * self.scale[...] + self.bias[...]).astype(self.dtype)

@@ -1,5 +1,6 @@
 """Import of published PyTorch weights: MiT ImageNet `.pth` (SegFormer/mmseg layout) and
-Hugging Face SegFormer checkpoints (`config.json` + `model.safetensors`).
+Hugging Face SegFormer checkpoints (`config.json` + `model.safetensors`); and of the Orbax
+directories `python -m t2s_jax.models.convert` writes from them (`state/` + `model_config.json`).
 
 Every source is first brought into one canonical key layout, PyTorch tensor conventions:
   encoder   the SegFormer/mmseg MiT layout (`patch_embed1.proj.weight`, `block1.0.attn.q.weight`,
@@ -32,6 +33,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from t2s_jax import checkpointing
 from t2s_jax import config as config_lib
 from t2s_jax.models.mit import MiT, build_encoder
 from t2s_jax.models.segmentor import Segmentor, build_segmentor
@@ -119,22 +121,89 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
 
 
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+_ACCEPTED = (
+    "accepted: a PyTorch file (" + ", ".join(_TORCH_SUFFIXES) + "), a .safetensors file, a Hugging Face "
+    "directory (config.json + model.safetensors or pytorch_model.bin) or a directory written by "
+    "`python -m t2s_jax.models.convert` (state/ + model_config.json)"
+)
+
+
 def _hf_weights_file(directory: Path) -> Path:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).is_file():
             return directory / name
-    raise CheckpointError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
+    raise CheckpointError(
+        f"{directory} is not a checkpoint directory (no model.safetensors, pytorch_model.bin, or "
+        f"state/ + model_config.json); {_ACCEPTED}"
+    )
+
+
+def is_converted_dir(path: str | Path) -> bool:
+    """Whether `path` is a directory written by `python -m t2s_jax.models.convert`."""
+    path = Path(path)
+    return (path / "state").is_dir() and (path / "model_config.json").is_file()
+
+
+def read_converted(directory: str | Path) -> tuple[dict, ml_collections.ConfigDict]:
+    """({'params', 'batch_stats'} as nested dicts of arrays, the `config.model` they belong to) of a
+    converted directory. Keys are as Orbax stores them (list indices as strings)."""
+    directory = Path(directory)
+    try:
+        tree = checkpointing.restore_tree(str(directory / "state"))
+        model_config = ml_collections.ConfigDict(json.loads((directory / "model_config.json").read_text()))
+    except Exception as e:  # damaged Orbax metadata, truncated arrays, bad JSON
+        raise CheckpointError(f"cannot read the converted checkpoint {directory}: {e}") from e
+    return tree, model_config
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, np.ndarray]:
+    """Nested dict -> {path: array}, list indices (stored as strings) back to ints as in nnx paths."""
+    flat = {}
+    for key, value in tree.items():
+        path = prefix + (int(key) if str(key).isdigit() else key,)
+        flat.update(_flatten(value, path) if isinstance(value, Mapping) else {path: np.asarray(value)})
+    return flat
+
+
+def _to_torch(array: np.ndarray, leaf: str) -> np.ndarray:
+    """Flax layout -> PyTorch layout (the inverse of `_from_torch`)."""
+    if leaf == "kernel" and array.ndim == 2:
+        return array.T
+    if leaf == "kernel" and array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    return array
+
+
+def _converted_encoder_tensors(directory: Path) -> dict[str, np.ndarray]:
+    """The MiT tensors of a converted directory (a segmentor's encoder, or an encoder alone) in
+    the canonical layout, so they load into any MiT layout (scanned or not) like a `.pth`."""
+    tree, _ = read_converted(directory)
+    params = tree.get("params", {})
+    encoder = params.get("encoder", params)
+    tensors = {}
+    for path, array in _flatten(encoder).items():
+        stacked = _is_stacked(path)
+        keys = _mit_keys(path, array.shape[0] if stacked else 0)
+        for key, value in zip(keys, array if stacked else [array]):
+            tensors[key] = _to_torch(value, path[-1])
+    return tensors
 
 
 def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, np.ndarray]]:
-    """(the weights file, its tensors) for a `.safetensors` file, a PyTorch file or an HF directory."""
+    """(the weights file or directory, its tensors) for a `.safetensors` file, a PyTorch file, a
+    Hugging Face directory or a converted directory (its encoder, in the canonical layout)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}; {_ACCEPTED}")
     if path.is_dir():
+        if is_converted_dir(path):
+            return path, _converted_encoder_tensors(path)
         path = _hf_weights_file(path)
     if path.suffix == ".safetensors":
         return path, _read_safetensors(path)
+    if path.suffix not in _TORCH_SUFFIXES:
+        raise CheckpointError(f"unknown checkpoint kind: {path}; {_ACCEPTED}")
     return path, load_mit_pth(path)
 
 
@@ -349,8 +418,10 @@ def load_pretrained_encoder(model: MiT | Segmentor, path: str | Path, *, strict:
 
     `path`: a `.pth`/`.pt`/`.bin` PyTorch file (SegFormer/mmseg layout, optionally under
     `state_dict` and/or with a `backbone.` prefix, or a Hugging Face state dict), a
-    `.safetensors` file or a Hugging Face directory (`SegformerModel` or any SegFormer with a
-    head, whose head is skipped). strict=False logs what does not fit and loads the rest.
+    `.safetensors` file, a Hugging Face directory (`SegformerModel` or any SegFormer with a
+    head, whose head is skipped) or a directory of `python -m t2s_jax.models.convert` (its
+    encoder; scanned or unrolled blocks either way). strict=False logs what does not fit and
+    loads the rest.
     """
     encoder = model.encoder if isinstance(model, Segmentor) else model
     if not isinstance(encoder, MiT):
@@ -459,3 +530,47 @@ def load_hf_pretrained(
     )
     logging.info("from_hf_pretrained: %s", summary)
     return model, model_config, summary
+
+
+def load_segmentor(path: str | Path) -> Segmentor:
+    """The segmentor of a converted directory (as `model_config.json` describes it) or of a
+    Hugging Face SegFormer directory with a decode head, with its weights: what
+    `--mode=eval --pretrained=PATH` evaluates."""
+    directory = Path(path)
+    if is_converted_dir(directory):
+        return _load_converted_segmentor(directory)
+    if (directory / "config.json").is_file():
+        model = from_hf_pretrained(directory)
+        if not isinstance(model, Segmentor):
+            raise CheckpointError(
+                f"{directory} holds a SegFormer encoder without a decode head: nothing to evaluate"
+            )
+        return model
+    raise CheckpointError(f"{directory} is not a segmentor checkpoint directory; expected a Hugging Face "
+                          "SegFormer directory (config.json + weights) or a directory written by "
+                          "`python -m t2s_jax.models.convert` (state/ + model_config.json)")
+
+
+def _load_converted_segmentor(directory: Path) -> Segmentor:
+    tree, model_config = read_converted(directory)
+    if "encoder" not in tree.get("params", {}):
+        raise CheckpointError(f"{directory} holds a MiT encoder without a head: nothing to evaluate "
+                              "(convert it with --config to put it under a head)")
+    model = nnx.eval_shape(lambda: build_segmentor(model_config, rngs=nnx.Rngs(0)))
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    stored = {name: _flatten(tree.get(name, {})) for name in ("params", "batch_stats")}
+    for name, state in (("params", params), ("batch_stats", batch_stats)):
+        expected = {path: variable.get_value().shape for path, variable in nnx.to_flat_state(state)}
+        got = {path: array.shape for path, array in stored[name].items()}
+        if got != expected:
+            wrong = sorted("/".join(map(str, p)) for p in set(got) ^ set(expected))
+            wrong += sorted(f"{'/'.join(map(str, p))} {got[p]} vs {expected[p]}"
+                            for p in set(got) & set(expected) if got[p] != expected[p])
+            raise CheckpointError(f"{directory}: the stored {name} do not fit the model its model_config.json "
+                                  f"describes: {_listing(wrong)}")
+        nnx.replace_by_pure_dict(
+            state, tree.get(name, {}), lambda variable, x: variable.replace(jnp.asarray(x, variable.get_value().dtype))
+        )
+    model = nnx.merge(graphdef, params, batch_stats)
+    logging.info("converted segmentor %s: %s parameters", directory, f"{count_parameters(model):,}")
+    return model

@@ -1,13 +1,27 @@
-"""Strong augmentation of the mixed images on device (method.md section 4.6).
+"""Strong augmentation on device (method.md section 4.6, hosts.md 8.3): colour jitter, then blur.
 
-Colour jitter with torchvision's `ColorJitter` semantics on [0, 1] images: brightness,
-contrast and saturation factors ~ U[max(0, 1 - s), 1 + s], hue shift ~ U[-h, h], the four
-adjustments in a random order per example (as torchvision does), each clipped to [0, 1];
-applied per example with probability `color_jitter_prob`. Then a Gaussian blur with
-sigma ~ U(blur_sigma) and an odd kernel, reflect padding (torchvision / kornia), applied
-per example with probability `blur_prob`. DAFormer itself used kornia 0.5's ColorJitter
-(now kornia's `ColorJiggle`: additive brightness, contrast without the mean) and drew the
-apply-or-not coins once per batch; here every draw is per example.
+Colour jitter has two semantics (`config.uda.color_jitter_semantics`):
+
+* 'kornia' (default): kornia 0.5.8's `ColorJitter(s, s, s, h)`, which DAFormer (and so the
+  paper's numbers) used. Factors: brightness b ~ U[clip(1 - s, 0, 2), clip(1 + s, 0, 2)]
+  applied additively (x + b - 1), contrast c ~ U[max(0, 1 - s), 1 + s] as a plain multiply
+  (x * c), saturation ~ U[max(0, 1 - s), 1 + s] multiplying S in HSV (S clipped to [0, 1]),
+  hue ~ U[-h, h] turns, added to H in radians (x 2 pi, `fmod` 2 pi). Brightness and contrast
+  clip to [0, 1]. HSV as kornia computes it: S = delta / (V + 1e-6), grey pixels get H = 0,
+  channel ties resolve to the first maximum (R, G, B).
+* 'torchvision': torchvision's `ColorJitter`: brightness, contrast and saturation blend with
+  black, the grey mean and the grey image (factors ~ U[max(0, 1 - s), 1 + s]); hue rotates H
+  by U[-h, h] turns; each adjustment clips to [0, 1].
+
+Either way the factors are drawn per image and the four adjustments run in a random order.
+Then a Gaussian blur with sigma ~ U(blur_sigma), an odd kernel per axis and reflect padding
+(kornia's `GaussianBlur2d`).
+
+Which draws are shared is explicit (`strong_augment`'s `coins_per`, `order_per`, `sigma_per`):
+DAFormer's DACS draws one jitter coin and one blur coin per step for the whole batch and calls
+kornia once per mixed image (order and sigma per image); MIC augments its masked batch with
+one kornia call (one order and one sigma for the batch, factors still per image).
+`strong_augment_options` builds the keyword arguments from `config.uda`.
 
 Images are NHWC RGB in 0..255 (float); the result is float32 in 0..255.
 """
@@ -18,16 +32,24 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+SEMANTICS = ("kornia", "torchvision")
+DRAWS = ("batch", "image")  # one draw shared by the batch, or one per image
 
 # ITU-R 601-2 luma, torchvision's `rgb_to_grayscale`.
 _GRAY_WEIGHTS = np.array((0.2989, 0.587, 0.114), np.float32)
+_KORNIA_HSV_EPS = 1e-6  # kornia.color.rgb_to_hsv's default eps
 
 
 def blur_kernel_size_for(crop_side: int, fraction: float) -> int:
     """DAFormer's odd blur kernel for an image side: ceil(fraction * side), minus 1 if even (51 for 512)."""
     size = math.ceil(fraction * crop_side)
     return size if size % 2 else size - 1
+
+
+# ----------------------------------------------------------------------------- torchvision semantics
 
 
 def _grayscale(image: jax.Array) -> jax.Array:
@@ -39,22 +61,23 @@ def _blend(image: jax.Array, other: jax.Array, factor: jax.Array) -> jax.Array:
     return jnp.clip(factor * image + (1.0 - factor) * other, 0.0, 1.0)
 
 
-def adjust_brightness(image: jax.Array, factor: jax.Array) -> jax.Array:
+def torchvision_brightness(image: jax.Array, factor: jax.Array) -> jax.Array:
     """One `(H, W, 3)` image in [0, 1]: scale towards black by `factor`."""
     return _blend(image, jnp.zeros_like(image), factor)
 
 
-def adjust_contrast(image: jax.Array, factor: jax.Array) -> jax.Array:
+def torchvision_contrast(image: jax.Array, factor: jax.Array) -> jax.Array:
     """One `(H, W, 3)` image in [0, 1]: blend with the mean of its grayscale image."""
     return _blend(image, jnp.mean(_grayscale(image)), factor)
 
 
-def adjust_saturation(image: jax.Array, factor: jax.Array) -> jax.Array:
+def torchvision_saturation(image: jax.Array, factor: jax.Array) -> jax.Array:
     """One `(H, W, 3)` image in [0, 1]: blend with its grayscale image."""
     return _blend(image, _grayscale(image), factor)
 
 
 def _rgb_to_hsv(image: jax.Array) -> jax.Array:
+    """torchvision's HSV, every channel in [0, 1]."""
     r, g, b = image[..., 0], image[..., 1], image[..., 2]
     max_c = jnp.max(image, axis=-1)
     min_c = jnp.min(image, axis=-1)
@@ -70,27 +93,77 @@ def _rgb_to_hsv(image: jax.Array) -> jax.Array:
     return jnp.stack((hue, saturation, max_c), axis=-1)
 
 
-def _hsv_to_rgb(hsv: jax.Array) -> jax.Array:
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    sector = jnp.floor(h * 6.0)
-    frac = h * 6.0 - sector
-    sector = sector.astype(jnp.int32) % 6
-    p = jnp.clip(v * (1.0 - s), 0.0, 1.0)
-    q = jnp.clip(v * (1.0 - s * frac), 0.0, 1.0)
-    t = jnp.clip(v * (1.0 - s * (1.0 - frac)), 0.0, 1.0)
+def _hsv_sectors(h6: jax.Array, s: jax.Array, v: jax.Array, clip: bool) -> jax.Array:
+    """RGB from hue in sixths (any real), saturation and value: the standard six sectors."""
+    sector = jnp.floor(h6)
+    frac = jnp.mod(h6, 6.0) - jnp.mod(sector, 6.0)
+    p, q, t = v * (1.0 - s), v * (1.0 - s * frac), v * (1.0 - s * (1.0 - frac))
+    if clip:
+        p, q, t = (jnp.clip(c, 0.0, 1.0) for c in (p, q, t))
     # Per sector (0..5) which of v, q, p, t each channel takes.
     red = jnp.stack((v, q, p, p, t, v), axis=-1)
     green = jnp.stack((t, v, v, q, p, p), axis=-1)
     blue = jnp.stack((p, p, t, v, v, q), axis=-1)
-    pick = jax.nn.one_hot(sector, 6, dtype=hsv.dtype)
+    pick = jax.nn.one_hot(jnp.mod(sector, 6.0).astype(jnp.int32), 6, dtype=v.dtype)
     return jnp.stack([jnp.sum(channel * pick, axis=-1) for channel in (red, green, blue)], axis=-1)
 
 
-def adjust_hue(image: jax.Array, shift: jax.Array) -> jax.Array:
+def torchvision_hue(image: jax.Array, shift: jax.Array) -> jax.Array:
     """One `(H, W, 3)` image in [0, 1]: rotate the hue by `shift` turns (in [-0.5, 0.5])."""
     hsv = _rgb_to_hsv(image)
-    hsv = hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + shift, 1.0))
-    return _hsv_to_rgb(hsv)
+    hue = jnp.mod(hsv[..., 0] + shift, 1.0)
+    return _hsv_sectors(hue * 6.0, hsv[..., 1], hsv[..., 2], clip=True)
+
+
+# ----------------------------------------------------------------------------- kornia 0.5.8 semantics
+
+
+def kornia_brightness(image: jax.Array, shift: jax.Array) -> jax.Array:
+    """`kornia.enhance.adjust_brightness`: add `shift`, clip to [0, 1]."""
+    return jnp.clip(image + shift, 0.0, 1.0)
+
+
+def kornia_contrast(image: jax.Array, factor: jax.Array) -> jax.Array:
+    """`kornia.enhance.adjust_contrast`: multiply by `factor`, clip to [0, 1]."""
+    return jnp.clip(image * factor, 0.0, 1.0)
+
+
+def kornia_rgb_to_hsv(image: jax.Array) -> jax.Array:
+    """`kornia.color.rgb_to_hsv` on (..., 3): H in [0, 2 pi), S = delta / (V + 1e-6), V = max."""
+    max_c = jnp.max(image, axis=-1)
+    delta = max_c - jnp.min(image, axis=-1)
+    saturation = delta / (max_c + _KORNIA_HSV_EPS)
+    delta = jnp.where(delta == 0, 1.0, delta)  # grey: every numerator below is 0, so H = 0
+    below_max = max_c[..., None] - image
+    rc, gc, bc = below_max[..., 0], below_max[..., 1], below_max[..., 2]
+    candidates = jnp.stack((bc - gc, 2.0 * delta + rc - bc, 4.0 * delta + gc - rc), axis=-1)
+    first_max = jnp.argmax(image == max_c[..., None], axis=-1)  # ties: the first channel
+    hue = jnp.take_along_axis(candidates, first_max[..., None], axis=-1)[..., 0] / delta
+    hue = 2.0 * math.pi * jnp.mod(hue / 6.0, 1.0)
+    return jnp.stack((hue, saturation, max_c), axis=-1)
+
+
+def kornia_hsv_to_rgb(hsv: jax.Array) -> jax.Array:
+    """`kornia.color.hsv_to_rgb` on (..., 3): H in radians (any real), no clipping."""
+    return _hsv_sectors(hsv[..., 0] / (2.0 * math.pi) * 6.0, hsv[..., 1], hsv[..., 2], clip=False)
+
+
+def kornia_saturation(image: jax.Array, factor: jax.Array) -> jax.Array:
+    """`kornia.enhance.adjust_saturation`: S * factor in HSV, clipped to [0, 1]."""
+    hsv = kornia_rgb_to_hsv(image)
+    hsv = hsv.at[..., 1].set(jnp.clip(hsv[..., 1] * factor, 0.0, 1.0))
+    return kornia_hsv_to_rgb(hsv)
+
+
+def kornia_hue(image: jax.Array, radians: jax.Array) -> jax.Array:
+    """`kornia.enhance.adjust_hue`: H + radians, `fmod` 2 pi (negative stays negative; the
+    sectors wrap it)."""
+    hsv = kornia_rgb_to_hsv(image)
+    hsv = hsv.at[..., 0].set(jnp.fmod(hsv[..., 0] + radians, 2.0 * math.pi))
+    return kornia_hsv_to_rgb(hsv)
+
+
+# ----------------------------------------------------------------------------- jitter
 
 
 def color_jitter(
@@ -100,26 +173,44 @@ def color_jitter(
     saturation: jax.Array,
     hue: jax.Array,
     order: jax.Array,
+    *,
+    semantics: str,
 ) -> jax.Array:
-    """One `(H, W, 3)` image in [0, 1]; `order` is a permutation of (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
-    adjustments = (
-        lambda x: adjust_brightness(x, brightness),
-        lambda x: adjust_contrast(x, contrast),
-        lambda x: adjust_saturation(x, saturation),
-        lambda x: adjust_hue(x, hue),
-    )
+    """One `(H, W, 3)` image in [0, 1] through `ColorJitter`'s adjustments with drawn factors.
+
+    `brightness`, `contrast`, `saturation` are factors around 1 and `hue` is in turns, as both
+    libraries draw them; `semantics` applies them ('kornia': x + brightness - 1, hue * 2 pi).
+    `order` is a permutation of (0 brightness, 1 contrast, 2 saturation, 3 hue).
+    """
+    if semantics == "kornia":
+        adjustments = (
+            lambda x: kornia_brightness(x, brightness - 1.0),
+            lambda x: kornia_contrast(x, contrast),
+            lambda x: kornia_saturation(x, saturation),
+            lambda x: kornia_hue(x, hue * 2.0 * math.pi),
+        )
+    elif semantics == "torchvision":
+        adjustments = (
+            lambda x: torchvision_brightness(x, brightness),
+            lambda x: torchvision_contrast(x, contrast),
+            lambda x: torchvision_saturation(x, saturation),
+            lambda x: torchvision_hue(x, hue),
+        )
+    else:
+        raise ValueError(f"unknown colour-jitter semantics {semantics!r}; expected one of {SEMANTICS}")
     for position in range(len(adjustments)):
         image = jax.lax.switch(order[position], adjustments, image)
     return image
 
 
-def _random_color_jitter(key: jax.Array, image: jax.Array, strength: float, hue: float) -> jax.Array:
-    """torchvision ColorJitter(strength, strength, strength, hue) on one `(H, W, 3)` image in [0, 1]."""
-    factors_key, hue_key, order_key = jax.random.split(key, 3)
-    factors = jax.random.uniform(factors_key, (3,), minval=max(0.0, 1.0 - strength), maxval=1.0 + strength)
-    hue_shift = jax.random.uniform(hue_key, (), minval=-hue, maxval=hue)
-    order = jax.random.permutation(order_key, 4)
-    return color_jitter(image, factors[0], factors[1], factors[2], hue_shift, order)
+def jitter_factor_ranges(semantics: str, strength: float, hue: float) -> np.ndarray:
+    """(4, 2) uniform ranges of the brightness, contrast, saturation and hue (turns) factors."""
+    low = max(0.0, 1.0 - strength)
+    brightness = (min(low, 2.0), min(1.0 + strength, 2.0)) if semantics == "kornia" else (low, 1.0 + strength)
+    return np.array((brightness, (low, 1.0 + strength), (low, 1.0 + strength), (-hue, hue)), np.float32)
+
+
+# ----------------------------------------------------------------------------- blur
 
 
 def _reflect_index(index: np.ndarray, size: int) -> np.ndarray:
@@ -153,18 +244,78 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array, kernel_size: tuple[int, in
     return jnp.einsum("jw,iwc->ijc", blur_w, image, precision=highest)
 
 
+# ----------------------------------------------------------------------------- the augmentation
+
+
+def _draw(key: jax.Array, draws: str, batch: int, draw_one) -> jax.Array:
+    """`draw_one(key)` for every image ('image'), or once, broadcast to the batch ('batch')."""
+    if draws == "image":
+        return jax.vmap(draw_one)(jax.random.split(key, batch))
+    one = draw_one(key)
+    return jnp.broadcast_to(one, (batch, *one.shape))
+
+
+def draw_augment_params(
+    key: jax.Array,
+    batch: int,
+    *,
+    color_jitter_semantics: str,
+    color_jitter_strength: float,
+    color_jitter_hue: float,
+    blur_sigma: tuple[float, float],
+    coins_per: str,
+    order_per: str,
+    sigma_per: str,
+) -> dict[str, jax.Array]:
+    """The random draws of `strong_augment` for `batch` images.
+
+    'coins' (B, 2): U[0, 1) for [jitter, blur]; 'factors' (B, 4): brightness, contrast,
+    saturation, hue (turns), always per image; 'orders' (B, 4): op permutations; 'sigmas' (B,).
+    Coins, orders and sigmas are drawn once and shared when their `*_per` is 'batch'.
+    """
+    for name, draws in (("coins_per (config.uda.augment_coins)", coins_per), ("order_per", order_per),
+                        ("sigma_per", sigma_per)):
+        if draws not in DRAWS:
+            raise ValueError(f"strong_augment: {name} must be one of {DRAWS}, got {draws!r}")
+    low, high = jitter_factor_ranges(color_jitter_semantics, color_jitter_strength, color_jitter_hue).T
+    coin_key, factor_key, order_key, sigma_key = jax.random.split(key, 4)
+    return {
+        "coins": _draw(coin_key, coins_per, batch, lambda k: jax.random.uniform(k, (2,))),
+        "factors": jax.random.uniform(factor_key, (batch, 4), minval=low, maxval=high),
+        "orders": _draw(order_key, order_per, batch, lambda k: jax.random.permutation(k, 4)),
+        "sigmas": _draw(
+            sigma_key, sigma_per, batch, lambda k: jax.random.uniform(k, (), minval=blur_sigma[0], maxval=blur_sigma[1])
+        ),
+    }
+
+
 def strong_augment(
     key: jax.Array,
     images: jax.Array,
     *,
+    color_jitter_semantics: str,
     color_jitter_prob: float,
     color_jitter_strength: float,
     color_jitter_hue: float,
     blur_prob: float,
     blur_sigma: tuple[float, float],
     blur_kernel_size: int | tuple[int, int],
+    coins_per: str,
+    order_per: str,
+    sigma_per: str,
 ) -> jax.Array:
-    """`(B, H, W, 3)` RGB 0..255 -> float32 0..255: per-example colour jitter, then Gaussian blur."""
+    """`(B, H, W, 3)` RGB 0..255 -> float32 0..255: colour jitter, then Gaussian blur.
+
+    Jitter is applied with probability `color_jitter_prob` and blur with `blur_prob`, the
+    coins drawn per 'batch' (DAFormer, MIC) or per 'image' (`coins_per`). Jitter factors are
+    per image; the op order (`order_per`) and the blur sigma (`sigma_per`) per 'image' (DACS:
+    one kornia call per mixed image) or per 'batch' (MIC: one call for the batch).
+    """
+    if color_jitter_semantics not in SEMANTICS:
+        raise ValueError(
+            f"strong_augment: color_jitter_semantics (config.uda.color_jitter_semantics) must be one of "
+            f"{SEMANTICS}, got {color_jitter_semantics!r}"
+        )
     if not 0.0 <= color_jitter_hue <= 0.5:
         raise ValueError(f"strong_augment: color_jitter_hue must lie in [0, 0.5], got {color_jitter_hue}")
     if isinstance(blur_kernel_size, int):
@@ -173,32 +324,51 @@ def strong_augment(
         raise ValueError(f"strong_augment: blur_kernel_size must be odd and positive, got {blur_kernel_size}")
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"strong_augment: expected (B, H, W, 3) RGB images, got {images.shape}")
+    params = draw_augment_params(
+        key,
+        images.shape[0],
+        color_jitter_semantics=color_jitter_semantics,
+        color_jitter_strength=color_jitter_strength,
+        color_jitter_hue=color_jitter_hue,
+        blur_sigma=blur_sigma,
+        coins_per=coins_per,
+        order_per=order_per,
+        sigma_per=sigma_per,
+    )
 
-    def augment_one(example_key: jax.Array, image: jax.Array) -> jax.Array:
-        jitter_coin, jitter_key, blur_coin, sigma_key = jax.random.split(example_key, 4)
+    def augment_one(image, coin, factor, order, sigma):
         image = jnp.clip(image.astype(jnp.float32) / 255.0, 0.0, 1.0)
-        jittered = _random_color_jitter(jitter_key, image, color_jitter_strength, color_jitter_hue)
-        image = jnp.where(jax.random.bernoulli(jitter_coin, color_jitter_prob), jittered, image)
-        sigma = jax.random.uniform(sigma_key, (), minval=blur_sigma[0], maxval=blur_sigma[1])
+        jittered = color_jitter(image, *factor, order, semantics=color_jitter_semantics)
+        image = jnp.where(coin[0] < color_jitter_prob, jittered, image)
         blurred = gaussian_blur(image, sigma, blur_kernel_size)
-        image = jnp.where(jax.random.bernoulli(blur_coin, blur_prob), blurred, image)
+        image = jnp.where(coin[1] < blur_prob, blurred, image)
         return image * 255.0
 
-    return jax.vmap(augment_one)(jax.random.split(key, images.shape[0]), images)
+    return jax.vmap(augment_one)(images, params["coins"], params["factors"], params["orders"], params["sigmas"])
 
 
-def strong_augment_options(uda_config, images_hw: tuple[int, int]) -> dict:
-    """`strong_augment`'s keyword arguments from `config.uda` for images of `images_hw`;
-    DAFormer sizes the blur kernel per axis."""
+def strong_augment_options(
+    uda: ml_collections.ConfigDict, images_hw: tuple[int, int], *, order_per: str = "image", sigma_per: str = "image"
+) -> dict:
+    """`strong_augment`'s keyword arguments from `config.uda` for images of `images_hw`.
+
+    The defaults are DACS's draws for the mixed images (one kornia call per image); MIC's
+    masked batch passes order_per='batch', sigma_per='batch' (hosts.md 8.3). DAFormer sizes
+    the blur kernel per axis.
+    """
     height, width = images_hw
     return dict(
-        color_jitter_prob=uda_config.color_jitter_prob,
-        color_jitter_strength=uda_config.color_jitter_strength,
-        color_jitter_hue=uda_config.color_jitter_hue,
-        blur_prob=uda_config.blur_prob,
-        blur_sigma=tuple(uda_config.blur_sigma),
+        color_jitter_semantics=uda.color_jitter_semantics,
+        color_jitter_prob=uda.color_jitter_prob,
+        color_jitter_strength=uda.color_jitter_strength,
+        color_jitter_hue=uda.color_jitter_hue,
+        blur_prob=uda.blur_prob,
+        blur_sigma=tuple(uda.blur_sigma),
         blur_kernel_size=(
-            blur_kernel_size_for(height, uda_config.blur_kernel_fraction),
-            blur_kernel_size_for(width, uda_config.blur_kernel_fraction),
+            blur_kernel_size_for(height, uda.blur_kernel_fraction),
+            blur_kernel_size_for(width, uda.blur_kernel_fraction),
         ),
+        coins_per=uda.augment_coins,
+        order_per=order_per,
+        sigma_per=sigma_per,
     )

@@ -54,10 +54,15 @@ def parse_same_or_float(name: str, value: str, *, allow_none: bool = False) -> f
         raise ValueError(f"config.{name}={value!r}; expected {allowed}") from None
 
 
+# MIC draws its blur coin (> 0.5) whatever the host's blur setting is.
+MIC_BLUR_PROB = 0.5
+
+
 def mic_augment(key: jax.Array, images: jax.Array, uda_config: ml_collections.ConfigDict) -> jax.Array:
-    """The host's colour augmentation with MIC's own per-batch coins, order and blur sigma."""
-    options = augment.strong_augment_options(uda_config, images.shape[1:3])
-    return augment.strong_augment(key, images, **options)
+    """The host's colour augmentation with MIC's own draws: one kornia call over the batch, so
+    one op order and one blur sigma for all images, per-image jitter factors."""
+    options = augment.strong_augment_options(uda_config, images.shape[1:3], order_per="batch", sigma_per="batch")
+    return augment.strong_augment(key, images, **{**options, "blur_prob": MIC_BLUR_PROB})
 
 
 def rethresholded(pseudo: PseudoLabels, threshold: float | None, valid_rows: jax.Array) -> jax.Array:

@@ -25,17 +25,14 @@ def pseudo_target_images(
     *,
     engine: str,
     fda_beta: float,
-    color_jitter_prob: float,
-    color_jitter_strength: float,
-    color_jitter_hue: float,
-    blur_prob: float,
-    blur_sigma: tuple[float, float],
-    blur_kernel_size: int | tuple[int, int],
+    **augment_options,
 ) -> jax.Array:
     """Source images (NHWC, float 0..255) translated by `engine`; float32 0..255, same shape.
 
     `target` (paired with `source` image by image) is needed by 'fda' only; pass None in
     domain generalisation. `key` drives the random engines ('fda' is deterministic).
+    `augment_options` are `augment.strong_augment`'s keyword arguments
+    (`augment.strong_augment_options` builds them); the engine switches one half off.
     """
     if engine == "fda":
         if target is None:
@@ -46,14 +43,5 @@ def pseudo_target_images(
         return fda.fda_source_to_target(source, target, fda_beta)
     if engine not in ENGINES:
         raise ValueError(f"unknown pull.translation {engine!r}; expected one of {ENGINES}")
-    jitter_only = engine == "color_jitter"
-    return augment.strong_augment(
-        key,
-        source,
-        color_jitter_prob=color_jitter_prob if jitter_only else 0.0,
-        color_jitter_strength=color_jitter_strength,
-        color_jitter_hue=color_jitter_hue,
-        blur_prob=0.0 if jitter_only else blur_prob,
-        blur_sigma=blur_sigma,
-        blur_kernel_size=blur_kernel_size,
-    )
+    switched_off = "blur_prob" if engine == "color_jitter" else "color_jitter_prob"
+    return augment.strong_augment(key, source, **{**augment_options, switched_off: 0.0})
