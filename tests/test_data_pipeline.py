@@ -1,5 +1,6 @@
 """The grain pipeline: determinism, sharding, resuming, aligned crops, rare class sampling, evaluation."""
 
+import json
 import os
 
 import numpy as np
@@ -9,7 +10,8 @@ from PIL import Image
 from data_pipelines import prepare
 from t2s_jax import data
 from t2s_jax.config import default_config
-from t2s_jax.data import pipeline, rcs, transforms
+from t2s_jax.classes import CITYSCAPES_PALETTE
+from t2s_jax.data import pipeline, rcs, sources, transforms
 
 HW = (40, 56)
 NUM_TRAIN, NUM_VAL = 12, 7
@@ -270,6 +272,28 @@ def test_eval_covers_each_image_once_in_split_order_on_any_process_count(data_di
 
 def test_class_names_come_from_the_dataset(data_dir):
     assert data.class_names("image_folder/rare", data_dir) == ("class0", "class1", "class2")
+    classes = data.class_list("image_folder/rare", data_dir)
+    assert classes.names == ("class0", "class1", "class2") and not classes.is_cityscapes
+    np.testing.assert_array_equal(classes.palette, [(128, 0, 0), (0, 128, 0), (128, 128, 0)])
+
+
+def test_the_class_count_is_checked_against_every_dataset_of_the_run(data_dir):
+    config = default_config()
+    config.data = config_for(data_dir, source="image_folder/rare")
+    with pytest.raises(ValueError, match=(
+        r"^config.model.num_classes=19 but config.data.source='image_folder/rare' has 3 classes; "
+        r"set --config.model.num_classes=3$"
+    )):  # fmt: skip
+        data.check_classes(config)
+    # Evaluation alone needs only the eval dataset (coords: 19 classes) to agree.
+    assert data.check_classes(config, training=False).names == tuple(f"class{c}" for c in range(19))
+    config.model.num_classes = 3
+    config.data.target = config.data.eval_dataset = "image_folder/rare"
+    config.uda.fd_classes = (1, 2)
+    assert data.check_classes(config).names == ("class0", "class1", "class2")
+    config.uda.fd_classes = (2, 3)
+    with pytest.raises(ValueError, match=r"fd_classes=\(2, 3\) has ids outside the 3 classes"):
+        data.check_classes(config)
 
 
 # ------------------------------------------------------------------------ host transforms
@@ -317,6 +341,19 @@ def test_ensure_prepared_builds_synthetic_and_names_the_command_for_real_data(tm
     path = data.ensure_prepared("synthetic_city/source_16x32", str(tmp_path))
     assert os.path.exists(f"{path}/dataset_info.json")
     assert data.class_names("synthetic_city/source_16x32", str(tmp_path))[10] == "sky"
+    classes = data.class_list("synthetic_city/source_16x32", str(tmp_path))
+    assert classes.is_cityscapes
+    np.testing.assert_array_equal(classes.palette, CITYSCAPES_PALETTE)
+    # Prepared before palettes were stored: the Cityscapes classes still get their palette.
+    metadata_path = f"{path}/metadata.json"
+    with open(metadata_path) as f:
+        metadata = json.load(f)
+    del metadata["palette"]
+    with open(metadata_path, "w") as f:
+        json.dump(metadata, f)
+    sources._builder.cache_clear()
+    old = data.class_list("synthetic_city/source_16x32", str(tmp_path))
+    np.testing.assert_array_equal(old.palette, CITYSCAPES_PALETTE)
     with pytest.raises(
         FileNotFoundError, match="python -m data_pipelines.prepare --dataset=gta5 --manual_dir="
     ):
