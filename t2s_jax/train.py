@@ -21,7 +21,6 @@ import numpy as np
 from flax import nnx
 
 from t2s_jax import checkpointing, data, evaluate, methods, parallel, reporting, steps
-from t2s_jax.classes import CITYSCAPES_CLASSES
 from t2s_jax.models import build_segmentor, load_pretrained_encoder
 from t2s_jax.optim import make_optimizer
 
@@ -162,7 +161,7 @@ class _TerminationFlag:
             signal.signal(sig, handler)
 
 
-def _eval_setup(config, graphdef, mesh):
+def _eval_setup(config, graphdef, mesh, class_list):
     eval_step = evaluate.make_eval_step(graphdef, mesh, config.eval, config.model.num_classes)
 
     def run(params, batch_stats) -> dict:
@@ -170,28 +169,28 @@ def _eval_setup(config, graphdef, mesh):
             config.data, process_index=jax.process_index(), process_count=jax.process_count()
         )
         return evaluate.evaluate(
-            eval_step, (params, batch_stats), iterator, mesh, CITYSCAPES_CLASSES,
+            eval_step, (params, batch_stats), iterator, mesh, class_list.names,
             num_pictures=config.train.num_pictures,
         )
 
     return run
 
 
-def _log_evaluation(workdir, step, summary, writer):
+def _log_evaluation(workdir, step, summary, writer, palette):
     logging.info("step %d evaluation:\n%s", step, evaluate.format_iou_table(summary))
     if jax.process_index() == 0:
         evaluate.write_eval_json(os.path.join(workdir, "eval", f"step_{step}.json"), summary)
         pictures = summary.get("pictures")
         if pictures:
             evaluate.save_prediction_pictures(
-                os.path.join(workdir, "pictures"), step, *pictures
+                os.path.join(workdir, "pictures"), step, *pictures, palette=palette
             )
     writer.write_scalars(step, _scalar_items(summary))
 
 
 def _scalar_items(summary: dict) -> dict[str, float]:
     scalars = {f"eval/{k}": float(v) for k, v in summary.items() if k.startswith("miou")}
-    for name, iou in zip(CITYSCAPES_CLASSES, summary["per_class_iou"]):
+    for name, iou in zip(summary["class_names"], summary["per_class_iou"]):
         scalars[f"eval_iou/{name.replace(' ', '_')}"] = float(iou)
     return scalars
 
@@ -211,6 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.data.target:
         data.ensure_prepared(config.data.target, config.data.data_dir)
     data.ensure_prepared(config.data.eval_dataset, config.data.data_dir)
+    class_list = data.check_classes(config)
 
     graphdef, state, imagenet_params, optimizer = create_train_state(config, mesh, num_steps)
     checkpointer = checkpointing.RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
@@ -226,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step = int(state.step)
 
     train_step = jit_train_step(config, graphdef, optimizer, mesh, num_steps)
-    run_eval = _eval_setup(config, graphdef, mesh)
+    run_eval = _eval_setup(config, graphdef, mesh, class_list)
     writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0)
     if start_step == 0 and jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -257,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             eval_metrics = None
             if step % config.train.eval_every == 0 or step == num_steps:
                 last_summary = run_eval(state.params, state.batch_stats)
-                _log_evaluation(workdir, step, last_summary, writer)
+                _log_evaluation(workdir, step, last_summary, writer, class_list.palette)
                 eval_metrics = {"miou": float(last_summary["miou"])}
             if (
                 step % config.train.checkpoint_every == 0
@@ -304,6 +304,7 @@ def evaluate_checkpoint(
     """Evaluates a run checkpoint of `workdir` (latest or `step`) or an imported pretrained model."""
     mesh = parallel.make_mesh(config.num_devices)
     data.ensure_prepared(config.data.eval_dataset, config.data.data_dir)
+    class_list = data.check_classes(config, training=False)
     if pretrained:
         from t2s_jax.models import load_segmentor
 
@@ -320,7 +321,7 @@ def evaluate_checkpoint(
         checkpointer.close()
         params, batch_stats = state.params, state.batch_stats
         label = f"{workdir} step {step}"
-    summary = _eval_setup(config, graphdef, mesh)(params, batch_stats)
+    summary = _eval_setup(config, graphdef, mesh, class_list)(params, batch_stats)
     logging.info("evaluation of %s:\n%s", label, evaluate.format_iou_table(summary))
     if jax.process_index() == 0:
         name = f"step_{step}" if not pretrained else "pretrained"
@@ -376,8 +377,9 @@ def train_methods(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 def comparison_table(results: dict[str, list[dict]]) -> str:
     """Per-class IoU and mIoU (%) of several methods, one column each; mean +- std over seeds."""
     methods = list(results)
+    class_names = results[methods[0]][0]["class_names"]  # the runs share the eval dataset
     lines = ["| class | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    for index, name in enumerate(CITYSCAPES_CLASSES):
+    for index, name in enumerate(class_names):
         cells = [_mean_std([s["per_class_iou"][index] for s in results[m]]) for m in methods]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     cells = [f"**{_mean_std([s['miou'] for s in results[m]])}**" for m in methods]
