@@ -14,6 +14,8 @@ Reliability rules (docs/reliability.md lists the faults and the tests that show 
 - `restore` verifies every array it returns; a damaged step is reported in one paragraph
   and the next older one is tried. With several processes each verifies its copy and
   they agree on the verdict, so all restore the same step.
+- Orbax speaks through this module: its own warnings and error logs (tracebacks, also
+  from its worker threads) are dropped; the full exception is logged at DEBUG.
 """
 
 from __future__ import annotations
@@ -224,7 +226,9 @@ class RunCheckpointer:
                     candidate, path, cause, candidates[len(failures)],
                 )
         if step is not None:
-            raise CheckpointError(f"checkpoint step {step} ({self.step_path(step)}) is damaged: {failures[0][1]}")
+            raise CheckpointError(
+                f"checkpoint step {step} ({self.step_path(step)}) is damaged: {failures[0][1]}"
+            )
         listing = "\n".join(f"  step {s} ({self.step_path(s)}): {cause}" for s, cause in failures)
         raise CheckpointError(f"no usable checkpoint in {self.directory}; tried:\n{listing}")
 
@@ -439,18 +443,23 @@ _ORBAX_DIR = f"{os.sep}orbax{os.sep}"
 
 
 class _DropOrbaxWarnings(logging.Filter):
-    """Orbax logs each failure (with tracebacks) before raising it; we report the raise."""
+    """Orbax logs each failure (with tracebacks, also from its worker threads after the
+    call returned) before raising it; this module raises it as one CheckpointError.
+    asyncio logs the abandoned Orbax tasks of a failed call when they are collected."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.WARNING or _ORBAX_DIR not in record.pathname
+        if record.levelno < logging.WARNING:
+            return True
+        if record.name == "asyncio":
+            tb = record.exc_info[2] if record.exc_info else None
+            return not (_ORBAX_DIR in record.getMessage() or _through_orbax(tb))
+        return _ORBAX_DIR not in record.pathname
 
 
-def _orbax_leftover(unraisable: Any) -> bool:
-    """An exception of a read Orbax abandoned when another one failed: raised in its
-    coroutines, or by TensorStore completing a read onto Orbax's closed event loop."""
-    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-        return True
-    tb = unraisable.exc_traceback
+_DROP_ORBAX_WARNINGS = _DropOrbaxWarnings()
+
+
+def _through_orbax(tb: Any) -> bool:
     while tb is not None:
         if _ORBAX_DIR in tb.tb_frame.f_code.co_filename:
             return True
@@ -458,9 +467,21 @@ def _orbax_leftover(unraisable: Any) -> bool:
     return False
 
 
-def _drop_orbax_leftovers() -> None:
-    """Once an Orbax call failed, its abandoned reads complain (dozens of multi-line
-    TensorStore specs) whenever they finish or are collected: from then on, drop those."""
+def _orbax_leftover(unraisable: Any) -> bool:
+    """An exception of work Orbax abandoned when another part failed: raised in its
+    coroutines, or by TensorStore completing a read or write onto Orbax's closed event loop."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return True
+    return _through_orbax(unraisable.exc_traceback)
+
+
+def _quiet_orbax() -> None:
+    """Orbax speaks through this module: its warnings and errors are not logged, and the
+    complaints of its abandoned work (dozens of multi-line TensorStore specs, whenever
+    they finish or are collected) are dropped. Idempotent; re-installs a replaced hook."""
+    for logger in (logging.getLogger("absl"), logging.getLogger("asyncio")):
+        if _DROP_ORBAX_WARNINGS not in logger.filters:
+            logger.addFilter(_DROP_ORBAX_WARNINGS)
     if getattr(sys.unraisablehook, "drops_orbax_leftovers", False):
         return
     previous = sys.unraisablehook
@@ -474,21 +495,15 @@ def _drop_orbax_leftovers() -> None:
 
 
 def _call_orbax(fn, *args, **kwargs) -> tuple[Any, str | None]:
-    """(fn's result, None), or (None, the one-line cause) when it raised; Orbax's own
-    logging of the failure and the complaints of its abandoned reads are kept quiet."""
-    logger, drop = logging.getLogger("absl"), _DropOrbaxWarnings()
-    logger.addFilter(drop)
+    """(fn's result, None), or (None, the one-line cause) when it raised."""
+    _quiet_orbax()
     try:
-        try:
-            return fn(*args, **kwargs), None
-        except Exception as error:  # noqa: BLE001  (OSError, or Orbax/TensorStore/json wrapping it)
-            logging.debug("orbax call failed", exc_info=True)
-            cause = _innermost_message(error)
-        _drop_orbax_leftovers()
-        gc.collect()  # the abandoned coroutines go now, not in the middle of a later step
-        return None, cause
-    finally:
-        logger.removeFilter(drop)
+        return fn(*args, **kwargs), None
+    except Exception as error:  # noqa: BLE001  (OSError, or Orbax/TensorStore/json wrapping it)
+        logging.debug("orbax call failed", exc_info=True)
+        cause = _innermost_message(error)
+    gc.collect()  # the abandoned coroutines go now, not in the middle of a later step
+    return None, cause
 
 
 def _report_unfinished_saves(directory: str) -> None:

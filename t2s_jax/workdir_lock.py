@@ -74,7 +74,9 @@ class WorkdirLock:
             self._heartbeat = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
             self._heartbeat.start()
             return
-        raise WorkdirBusyError(f"{self.workdir}: another process keeps taking {self.path}; is a second run starting?")
+        raise WorkdirBusyError(
+            f"{self.workdir}: another process keeps taking {self.path}; is a second run starting?"
+        )
 
     def release(self) -> None:
         if self._record is None:

@@ -262,7 +262,9 @@ def test_keeps_last_k_plus_best_and_refuses_non_finite(tmp_path):
     for step in (6, 7, 8):  # NaN steps never push the finite ones out
         with pytest.raises(checkpointing.CheckpointError) as error:
             checkpointer.save(step, bad, {"next": step})
-        _assert_one_paragraph(str(error.value), f"step {step}", checkpointer.step_path(step), "non-finite", "opt_state/0/mu/")
+        _assert_one_paragraph(
+            str(error.value), f"step {step}", checkpointer.step_path(step), "non-finite", "opt_state/0/mu/"
+        )
     assert checkpointer.all_steps() == [2, 4, 5]
     with pytest.raises(ValueError, match="data_state"):
         checkpointer.save(9, state, None)

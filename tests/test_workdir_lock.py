@@ -36,7 +36,8 @@ def test_second_holder_refused_with_who_and_since(tmp_path):
             WorkdirLock(str(tmp_path)).acquire()
         message = str(error.value)
         assert "\n" not in message
-        for needle in (str(tmp_path), f"pid {os.getpid()}", socket.gethostname(), record["started"], "another --workdir"):
+        expected = (str(tmp_path), f"pid {os.getpid()}", socket.gethostname(), record["started"], "another --workdir")
+        for needle in expected:
             assert needle in message
     assert not os.path.exists(lock.path)
 
