@@ -17,6 +17,9 @@ def get_config():
     config.model.encoder = mit_config(
         "b0", embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)
     )
+    # One block per stage and a few MB of activations: nothing to scan or rematerialise.
+    config.model.scan_blocks = False
+    config.model.remat = "none"
     config.model.head_channels = 64
     config.model.projector.hidden_channels = 64
     config.model.projector.dim = 64

@@ -1,6 +1,6 @@
 r"""Input pipeline throughput at GTA5 size: how many host cores one accelerator needs.
 
-  python -m data_pipelines.bench --workers=0,2,4 --batches=40
+  python -m data_pipelines.bench --workers=0,2,4 --batches=40 --step_ms=70
 
 Writes `--num_files` GTA5-layout PNG pairs (1914x1052 synthetic street scenes in the
 photographic target style, labels as Cityscapes label ids) into a temporary manual dir,
@@ -8,6 +8,11 @@ prepares them with the gta5 builder (timed), then runs the training pipeline's s
 stream as `configs` set it for GTA5 (fit into 720x1280 -> 704x1280, rare class sampling,
 cat_max_ratio 512x512 crops, flip) with each worker count and prints examples/s. Real
 GTA5 frames are JPEG-like photographs saved as PNG; their decode cost is similar.
+
+From the in-process run (`--workers` must include 0) it also prints the host cores that keep
+one accelerator fed at `--step_ms` per step: `--examples_per_step` examples (a T2S-DA step
+reads B = 2 source + 2 target) each costing the measured GTA5 CPU time, an upper bound for
+the cheaper Cityscapes target crops.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ _BATCHES = flags.DEFINE_integer("batches", 40, "batches timed per setting")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 2, "source images per batch")
 _NUM_FILES = flags.DEFINE_integer("num_files", 48, "GTA5-size files written")
 _NUM_SCENES = flags.DEFINE_integer("num_scenes", 6, "distinct scenes rendered (files repeat them)")
+_STEP_MS = flags.DEFINE_float("step_ms", 70.0, "accelerator step time the host must keep up with")
+_EXAMPLES_PER_STEP = flags.DEFINE_integer("examples_per_step", 4, "examples a step consumes (all domains)")
 _GTA5_HW = (1052, 1914)
 _WARMUP_BATCHES = 5
 
@@ -74,6 +81,11 @@ def pipeline_throughput(
     return examples / (time.perf_counter() - start), (time.process_time() - cpu_start) / examples
 
 
+def host_cores_needed(cpu_s_per_example: float, examples_per_step: int, step_ms: float) -> float:
+    """Host cores that feed one accelerator: the CPU time of a step's examples / the step time."""
+    return cpu_s_per_example * examples_per_step / (step_ms / 1000.0)
+
+
 def main(argv):
     del argv
     root = tempfile.mkdtemp(prefix="t2s_bench_")
@@ -93,8 +105,11 @@ def main(argv):
             rows.append((workers, rate))
             print(f"workers={workers}: {rate:.2f} examples/s", flush=True)
             if workers == 0:
+                cores = host_cores_needed(cpu, _EXAMPLES_PER_STEP.value, _STEP_MS.value)
                 print(
-                    f"  CPU per example in-process: {1000 * cpu:.0f} ms (one core: {1 / cpu:.1f} examples/s)"
+                    f"  CPU per example in-process: {1000 * cpu:.0f} ms (one core: {1 / cpu:.1f} examples/s)\n"
+                    f"  host cores per accelerator at {_STEP_MS.value:g} ms/step and "
+                    f"{_EXAMPLES_PER_STEP.value} examples/step: {cores:.1f}"
                 )
         print(
             f"\nhost: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "

@@ -278,7 +278,7 @@ def benchmark(
         final_loss=final_loss,
         options={
             "scan_blocks": bool(config.model.scan_blocks),
-            "remat": bool(config.model.remat),
+            "remat": str(config.model.remat),
             "attention_impl": config.model.attention_impl or "default",
         },
     )

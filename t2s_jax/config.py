@@ -78,8 +78,14 @@ def default_config() -> ml_collections.ConfigDict:
     model.projector.hidden_channels = 256
     model.projector.dim = 256
     model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
-    model.scan_blocks = False  # run each stage's repeated blocks as one scanned block (compile time)
-    model.remat = False  # rematerialise blocks in the backward pass (memory for compute)
+    # Each stage's repeated blocks as one block scanned over stacked parameters: XLA compiles a
+    # stage once, not once per block (B5's 40-block stage), for a shorter first step.
+    model.scan_blocks = True
+    # What the backward pass keeps of each encoder block; the rest is recomputed (memory for
+    # compute, models/layers.py REMAT_POLICIES): 'none' | 'full' | 'dots' | 'dots_no_batch'.
+    # 'dots_no_batch' keeps the Linear outputs: the B5 T2S-DA step fits 20 GiB for +3 % FLOPs
+    # (docs/performance.md).
+    model.remat = "dots_no_batch"
     # jax.nn.dot_product_attention implementation: '' (let XLA choose) | 'xla' | 'cudnn'
     model.attention_impl = ""
     # MiT ImageNet weights for the encoder: a mmseg `.pth` or a Hugging Face directory; '' = random init.

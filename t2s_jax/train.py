@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from t2s_jax import checkpointing, data, evaluate, methods, parallel, reporting, steps
-from t2s_jax.models import build_segmentor, load_pretrained_encoder
+from t2s_jax.models import build_segmentor, maybe_load_pretrained
 from t2s_jax.optim import make_optimizer
 
 
@@ -35,26 +35,33 @@ def model_config_for_run(config: ml_collections.ConfigDict) -> ml_collections.Co
     return model_config
 
 
+# Compiler options for executables that run once (state initialisation): the backend's
+# optimisation passes cost more compile time than the single run they speed up.
+_RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def create_model_state(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """Student parameters and BN statistics, initialised under jit straight into their shardings.
+    """Student parameters and BN statistics, initialised on the devices straight into their
+    shardings (one jitted init, compiled without backend optimisation).
 
     With `config.model.pretrained` the encoder is then overwritten by the ImageNet weights.
     """
     model_config = model_config_for_run(config)
+    abstract_model = nnx.eval_shape(lambda: build_segmentor(model_config, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(abstract_model)
 
     def init():
         model = build_segmentor(model_config, rngs=nnx.Rngs(config.seed))
         _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         return params, batch_stats
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_segmentor(model_config, rngs=nnx.Rngs(0))))
-    params, batch_stats = jax.jit(init, out_shardings=parallel.replicated(mesh))()
+    init = jax.jit(init, out_shardings=parallel.replicated(mesh)).lower()
+    params, batch_stats = init.compile(compiler_options=_RUN_ONCE_COMPILER_OPTIONS)()
     if model_config.pretrained:
         model = nnx.merge(graphdef, params, batch_stats)
-        summary = load_pretrained_encoder(model, model_config.pretrained)
-        logging.info("encoder weights from %s: %s", model_config.pretrained, summary)
+        maybe_load_pretrained(model, model_config)
         _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         params = jax.device_put(params, parallel.replicated(mesh))
     return graphdef, params, batch_stats
@@ -66,15 +73,18 @@ def create_train_state(
     """(graphdef, fresh train state, frozen ImageNet parameters, optimizer)."""
     graphdef, params, batch_stats = create_model_state(config, mesh)
     optimizer = make_optimizer(config.optim, num_steps)
-    state = jax.jit(
-        lambda p, s: steps.initial_train_state(
-            p, s, optimizer, config.seed,
-            with_mask_teacher=steps.mask_teacher_alpha(methods.build_terms(config)) is not None,
-        ),
-        out_shardings=parallel.replicated(mesh),
-    )(params, batch_stats)
-    # The ImageNet reference of the feature distance is the initial encoder, kept frozen.
-    imagenet_params = jax.tree.map(jnp.copy, params)
+    with_mask_teacher = steps.mask_teacher_alpha(methods.build_terms(config)) is not None
+
+    def initial_state(params, batch_stats):
+        state = steps.initial_train_state(
+            params, batch_stats, optimizer, config.seed, with_mask_teacher=with_mask_teacher
+        )
+        # The ImageNet reference of the feature distance is the initial encoder, kept frozen
+        # (its own buffers: the step donates the state).
+        return state, jax.tree.map(jnp.copy, params)
+
+    initial_state = jax.jit(initial_state, out_shardings=parallel.replicated(mesh)).lower(params, batch_stats)
+    state, imagenet_params = initial_state.compile(compiler_options=_RUN_ONCE_COMPILER_OPTIONS)(params, batch_stats)
     return graphdef, state, imagenet_params, optimizer
 
 

@@ -196,7 +196,7 @@ def test_train_needs_dropout_key_and_randomness_only_when_training():
 
 
 def test_scanned_blocks_equal_unrolled_blocks():
-    unrolled = numpy_filled(tiny_config())
+    unrolled = numpy_filled(tiny_config(scan_blocks=False))
     scanned = stacked_copy(unrolled, tiny_config(scan_blocks=True))
     stacked_kernel = nnx.state(scanned, nnx.Param)["encoder"]["stages"][1]["blocks"]["attn"]["q"]["kernel"]
     assert stacked_kernel.get_value().shape == (2, 32, 32)
@@ -210,7 +210,8 @@ def test_scanned_blocks_equal_unrolled_blocks():
         assert rel_err(b.logits, a.logits) < 1e-5
 
 
-def test_remat_gives_same_gradients_in_the_training_step_pattern():
+@pytest.mark.parametrize("remat", ["full", "dots_no_batch"])
+def test_remat_gives_same_gradients_in_the_training_step_pattern(remat):
     """The step code's pattern: split, merge inside the differentiated function, return the new
     BatchNorm statistics as aux. (`copy=True`: Variables rebuilt from jax.grad's arguments
     belong to another trace and refuse the BatchNorm update otherwise.)"""
@@ -228,10 +229,16 @@ def test_remat_gives_same_gradients_in_the_training_step_pattern():
 
         return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
-    (loss_a, stats_a), grads_a = loss_grads_stats(numpy_filled(tiny_config(encoder=encoder, scan_blocks=True)))
-    (loss_b, stats_b), grads_b = loss_grads_stats(
-        numpy_filled(tiny_config(encoder=encoder, scan_blocks=True, remat=True))  # same seed: same weights
-    )
+    def encoder_backward_flops(model):  # of the lowered program, recomputation included
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        grad = jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p, rest).encoder(x)[-1] ** 2))
+        return jax.jit(grad).lower(params).cost_analysis()["flops"]
+
+    kept = numpy_filled(tiny_config(encoder=encoder, remat="none"))
+    recomputed = numpy_filled(tiny_config(encoder=encoder, remat=remat))  # same seed: same weights
+    assert encoder_backward_flops(recomputed) > 1.01 * encoder_backward_flops(kept)
+    (loss_a, stats_a), grads_a = loss_grads_stats(kept)
+    (loss_b, stats_b), grads_b = loss_grads_stats(recomputed)
     assert abs(float(loss_a) - float(loss_b)) <= 1e-6 * abs(float(loss_a))
     for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
         np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-7)
@@ -239,6 +246,8 @@ def test_remat_gives_same_gradients_in_the_training_step_pattern():
     for sa, sb, s0 in zip(*(jax.tree.leaves(s["head"]) for s in (stats_a, stats_b, initial)), strict=True):
         np.testing.assert_allclose(sb, sa, rtol=1e-5, atol=1e-6)
         assert not np.allclose(sa, s0)  # the head's running statistics moved
+    with pytest.raises(ValueError, match="'blocks'.*expected one of"):
+        numpy_filled(tiny_config(encoder=encoder, remat="blocks"))
 
 
 def test_bfloat16_forward_close_to_float32():

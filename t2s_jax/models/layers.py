@@ -15,12 +15,40 @@ from flax import nnx
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# `config.model.remat`: what the backward pass keeps of each encoder block (`jax.checkpoint`
+# policies); everything else is recomputed from the block's input.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: every intermediate is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input
+    "dots": jax.checkpoint_policies.dots_saveable,  # matmul and convolution outputs
+    # Linear outputs; attention, convolutions, GELU and norms are recomputed.
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 def compute_dtype(name: str) -> jnp.dtype:
     """The compute dtype named by `config.model.dtype`."""
     if name not in DTYPES:
         raise ValueError(f"unknown model dtype {name!r}; expected one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def check_remat(remat: str) -> str:
+    """`remat` if it names a policy of `REMAT_POLICIES`."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown config.model.remat {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    return remat
+
+
+def checkpoint(fn, remat: str, *, prevent_cse: bool = True):
+    """`fn` rematerialised under the policy `remat` names (`fn` itself for 'none').
+
+    prevent_cse=False is safe (and cheaper) inside `lax.scan`, whose loop already keeps the
+    recomputation from being merged with the forward pass.
+    """
+    if check_remat(remat) == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse)
 
 
 def conv_fan_out_init(kernel_size: int, out_channels: int, groups: int = 1) -> jax.nn.initializers.Initializer:

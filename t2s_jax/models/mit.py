@@ -163,7 +163,7 @@ class MiTStage(nnx.Module):
         block_norm_eps: float,
         attention_impl: str | None,
         scan_blocks: bool,
-        remat: bool,
+        remat: str,
         dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
@@ -203,7 +203,7 @@ class MiTStage(nnx.Module):
         self.norm = _layer_norm(dim, block_norm_eps, dtype, rngs)
         self.drop_path_rates = tuple(float(r) for r in drop_path_rates)
         self.scan_blocks = scan_blocks
-        self.remat = remat
+        self.remat = layers.check_remat(remat)
 
     def __call__(self, x: jax.Array, block_keys: jax.Array | None) -> jax.Array:
         """`block_keys`: (depth, key) array, one stochastic-depth key per block, or None."""
@@ -227,8 +227,8 @@ class MiTStage(nnx.Module):
         return self.norm(x)
 
     def _wrap(self, apply_block):
-        """Rematerialise blocks in the backward pass when configured (CSE may stay on inside scan)."""
-        return jax.checkpoint(apply_block, prevent_cse=not self.scan_blocks) if self.remat else apply_block
+        """The block rematerialised under the configured policy."""
+        return layers.checkpoint(apply_block, self.remat, prevent_cse=not self.scan_blocks)
 
 
 class MiT(nnx.Module):
@@ -248,7 +248,7 @@ class MiT(nnx.Module):
         in_channels: int = 3,
         attention_impl: str | None = None,
         scan_blocks: bool = False,
-        remat: bool = False,
+        remat: str = "none",
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -318,7 +318,7 @@ def build_encoder(
         block_norm_eps=float(encoder_config.block_norm_eps),
         attention_impl=attention_implementation(model_config.attention_impl),
         scan_blocks=bool(model_config.scan_blocks),
-        remat=bool(model_config.remat),
+        remat=str(model_config.remat),
         dtype=layers.compute_dtype(model_config.dtype),
         rngs=rngs,
     )

@@ -448,7 +448,7 @@ def maybe_load_pretrained(model: Segmentor, model_config: ml_collections.ConfigD
 
 
 def model_config_from_hf(
-    hf_config: Mapping, *, with_head: bool, dtype: str = "float32", scan_blocks: bool = False
+    hf_config: Mapping, *, with_head: bool, dtype: str = "float32", scan_blocks: bool = True
 ) -> ml_collections.ConfigDict:
     """`config.model` describing the Hugging Face SegFormer of `hf_config` (config.json contents).
 
@@ -490,7 +490,7 @@ def model_config_from_hf(
     return model
 
 
-def from_hf_pretrained(path: str | Path, *, dtype: str = "float32", scan_blocks: bool = False) -> Segmentor | MiT:
+def from_hf_pretrained(path: str | Path, *, dtype: str = "float32", scan_blocks: bool = True) -> Segmentor | MiT:
     """The model a Hugging Face SegFormer directory describes, with its weights.
 
     A checkpoint with a decode head (`SegformerForSemanticSegmentation`) gives a `Segmentor`
@@ -503,7 +503,7 @@ def from_hf_pretrained(path: str | Path, *, dtype: str = "float32", scan_blocks:
 
 
 def load_hf_pretrained(
-    path: str | Path, *, dtype: str = "float32", scan_blocks: bool = False
+    path: str | Path, *, dtype: str = "float32", scan_blocks: bool = True
 ) -> tuple[Segmentor | MiT, ml_collections.ConfigDict, LoadSummary]:
     """`from_hf_pretrained`, also returning the `config.model` it built and the load summary."""
     directory = Path(path)
