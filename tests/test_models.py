@@ -38,6 +38,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     model.encoder.drop_path_rate = 0.3
     model.head_channels = 16
     model.num_classes = 5
+    model.projector.enabled = True  # a run builds it when a term reads projections (train.model_config_for_run)
     model.projector.hidden_channels = 16
     model.projector.dim = 8
     for key, value in overrides.items():
@@ -179,7 +180,7 @@ def test_projector_on_encoder_input_and_disabled_projector():
     config.projector.enabled = False
     model = numpy_filled(config)
     assert model.projector is None
-    with pytest.raises(ValueError, match="projector is disabled"):
+    with pytest.raises(ValueError, match="without the projector"):
         model.forward(images(), with_projection=True)
 
 

@@ -48,7 +48,7 @@ def test_global_batch_shards_the_leading_axis_and_skips_strings():
 
 def test_global_batch_rejects_a_batch_not_divisible_by_the_local_devices():
     mesh = parallel.make_mesh()
-    with pytest.raises(ValueError, match="'label'.*divisible by the 8 local devices"):
+    with pytest.raises(ValueError, match="'label'.*divisible by the 8 devices of the mesh"):
         parallel.global_batch({"label": np.zeros((6, 4, 4), np.uint8)}, mesh)
 
 
