@@ -12,5 +12,5 @@ from t2s_jax.config import default_config
 def get_config():
     config = methods.with_method(default_config(), "masktwins")
     config.model.pretrained = "weights/mit_b5.pth"
-    config.uda.single_target_image = True  # the released code's target cut (hosts.md 10.2)
+    config.uda.single_target_image = True  # the released code's target cut (docs/method.md §7)
     return config

@@ -16,5 +16,5 @@ def get_config():
     config.model.pretrained = "weights/mit_b5.pth"
     config.data.source = "synthia"
     config.data.source_resize_hw = (760, 1280)  # SYNTHIA keeps its size
-    config.uda.single_target_image = True  # the released code's target cut (hosts.md 10.2)
+    config.uda.single_target_image = True  # the released code's target cut (docs/method.md §7)
     return config

@@ -1,6 +1,6 @@
 """Raw label ids of each published dataset and their mapping to Cityscapes train ids.
 
-Tables from `shared/docs/method.md` section 1. A mapping is a 65536-entry lookup table so
+Tables from `docs/method.md` section 1. A mapping is a 65536-entry lookup table so
 8-bit and 16-bit raw labels map with one indexing operation; every id that is not a key
 of the table maps to 255 (ignore). Ids a dataset never defines at all ("unknown") are
 counted separately by the conversion so the report can name the files holding them.

@@ -1,7 +1,7 @@
 """The configuration schema: every knob of a run, with its default and why.
 
 Benchmark files in `configs/` start from `default_config()` and override what they
-change. Defaults follow `shared/docs/method.md` (T2S-DA on a DAFormer host, MiT-B5,
+change. Defaults follow `docs/method.md` (T2S-DA on a DAFormer host, MiT-B5,
 GTA5 -> Cityscapes). Sizes are (height, width) everywhere.
 """
 
@@ -136,10 +136,10 @@ def default_config() -> ml_collections.ConfigDict:
     uda.fd_classes = THING_CLASSES
     uda.fd_min_ratio = 0.75  # a stride-32 cell counts when one thing class covers this share
     # Train on the first target image of each batch only, repeated (MaskTwins' released code,
-    # hosts.md 10.2): pseudo-labels, ClassMix and the masked views then all use that image.
+    # docs/method.md §7): pseudo-labels, ClassMix and the masked views then all use that image.
     uda.single_target_image = False
 
-    # ---------------------------------------------------------------- MIC (hosts.md 8)
+    # ---------------------------------------------------------------- MIC (docs/method.md §6)
     mic = config.mic = ml_collections.ConfigDict()
     # Images masked: 'separatetrgaug' (target, colour-augmented) | 'separatetrg' | 'separatesrcaug'
     # | 'separatesrc' | 'separateaug' | 'separate' (source[0] + target[0], needs batch_size 2).
@@ -153,7 +153,7 @@ def default_config() -> ml_collections.ConfigDict:
     # 'same' = the host's pseudo-label weights; 'none' = no confidence weight; a threshold as text.
     mic.pseudo_threshold = "same"
 
-    # ---------------------------------------------------------------- MaskTwins (hosts.md 10)
+    # ---------------------------------------------------------------- MaskTwins (docs/method.md §7)
     masktwins = config.masktwins = ml_collections.ConfigDict()
     masktwins.block_size = 32  # 64 at 1024^2 crops (the released HRDA config); 32 at 512^2
     masktwins.ratio = 0.5

@@ -27,9 +27,9 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "daformer": _DAFORMER,  # DACS self-training with DAFormer's FD (method.md 4)
     "t2s": (*_DAFORMER, "pull"),  # T2S-DA w/ DAFormer (method.md 5)
     "dg": ("source", "pull"),  # domain generalisation: no target data (paper 4.2)
-    "mic": (*_DAFORMER, "mic"),  # MIC on the DAFormer host (hosts.md 8)
+    "mic": (*_DAFORMER, "mic"),  # MIC on the DAFormer host (docs/method.md §6)
     "t2s_mic": (*_DAFORMER, "pull", "mic"),  # T2S-DA w/ MIC
-    "masktwins": (*_DAFORMER, "masktwins"),  # MaskTwins on the DAFormer host (hosts.md 10)
+    "masktwins": (*_DAFORMER, "masktwins"),  # MaskTwins on the DAFormer host (docs/method.md §7)
 }
 # Presets trained without any target image.
 TARGET_FREE = ("source_only", "dg")

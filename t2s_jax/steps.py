@@ -148,7 +148,7 @@ def make_train_step(
         source_image = batch["source_image"].astype(jnp.float32)
         target_image = batch["target_image"].astype(jnp.float32) if "target_image" in batch else None
         if target_image is not None and uda.single_target_image:
-            # MaskTwins' released code trains on the first target image only (hosts.md 10.2).
+            # MaskTwins' released code trains on the first target image only (docs/method.md §7).
             target_image = jnp.broadcast_to(target_image[:1], target_image.shape)
         images = {"source": source_image, "target": target_image}
 

@@ -1,5 +1,5 @@
 """Strong augmentation with DAFormer's semantics, against kornia 0.5.8 itself (method.md 4.6,
-hosts.md 8.3): each colour adjustment, the whole ColorJitter with fixed parameters, the factor
+docs/method.md §6): each colour adjustment, the whole ColorJitter with fixed parameters, the factor
 ranges kornia draws from, the blur, the draws shared per batch or per image, and the coins."""
 
 import functools

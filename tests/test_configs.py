@@ -66,11 +66,14 @@ def _run(config_name: str, workdir: str, overrides: dict) -> None:
     argv = ["t2s_jax.main", f"--config={os.path.join(tiny.REPO, 'configs', config_name)}", f"--workdir={workdir}"]
     argv += [f"--config.{key}={value}" if isinstance(value, str) else f"--config.{key}={value!r}"
              for key, value in overrides.items()]  # fmt: skip
+    saved_argv = sys.argv
+    sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv
     flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)
     try:
+        flags.FLAGS(argv)
         main.main([argv[0]])
     finally:
+        sys.argv = saved_argv
         flags.FLAGS.unparse_flags()
         flags.FLAGS.mark_as_parsed()
 

@@ -1,4 +1,4 @@
-"""MIC's block masks and MaskTwins' complementary views (hosts.md 8.4, 10.1), and their losses
+"""MIC's block masks and MaskTwins' complementary views (docs/method.md §6, §7), and their losses
 against plain NumPy."""
 
 import os

@@ -1,4 +1,4 @@
-"""Strong augmentation on device (method.md section 4.6, hosts.md 8.3): colour jitter, then blur.
+"""Strong augmentation on device (method.md section 4.6, docs/method.md §6): colour jitter, then blur.
 
 Colour jitter has two semantics (`config.uda.color_jitter_semantics`):
 
@@ -353,7 +353,7 @@ def strong_augment_options(
     """`strong_augment`'s keyword arguments from `config.uda` for images of `images_hw`.
 
     The defaults are DACS's draws for the mixed images (one kornia call per image); MIC's
-    masked batch passes order_per='batch', sigma_per='batch' (hosts.md 8.3). DAFormer sizes
+    masked batch passes order_per='batch', sigma_per='batch' (docs/method.md §6). DAFormer sizes
     the blur kernel per axis.
     """
     height, width = images_hw

@@ -1,4 +1,4 @@
-"""Block masks of masked image consistency (MIC, hosts.md 8.4) and MaskTwins' complementary views (10.1).
+"""Block masks of masked image consistency (MIC, docs/method.md §6) and MaskTwins' complementary views (§7).
 
 A mask keeps whole b x b blocks: a grid of round(H/b) x round(W/b) cells, each kept
 independently with probability 1 - ratio (kept iff U > ratio, U ~ U(0, 1), as the

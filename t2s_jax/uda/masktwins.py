@@ -1,4 +1,4 @@
-"""MaskTwins, dual-form complementary masking (hosts.md section 10; jwwang0421/masktwins).
+"""MaskTwins, dual-form complementary masking (docs/method.md §7; jwwang0421/masktwins).
 
 Replaces MIC's single masked pass by V >= 2 passes on complementary masked views of the
 SAME colour-augmented target image (MIC's augmentation, drawn once): view 1 keeps mask M,
@@ -9,7 +9,7 @@ views (0.5 each for two), times `masktwins.weight` (lambda_MIC); plus
 `masktwins.consistency_weight` (0.01) x the mean squared difference of the views' raw
 stride-4 logits (mean over pairs for V > 2), with gradients through every view.
 
-The released code cuts the target batch to its first image (hosts.md 10.2):
+The released code cuts the target batch to its first image (docs/method.md §7):
 `uda.single_target_image=True` reproduces that for the whole step; the views then share
 one mask draw, so the B identical copies stand for the original's batch of one.
 """

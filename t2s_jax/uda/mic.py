@@ -1,4 +1,4 @@
-"""MIC, masked image consistency (hosts.md section 8; lhoyer/MIC `masking_consistency_module.py`).
+"""MIC, masked image consistency (docs/method.md §6; lhoyer/MIC `masking_consistency_module.py`).
 
 One extra student pass on block-masked images, trained with cross-entropy against the
 host's pseudo-labels of the clean target and their weights BEFORE ClassMix (no extra
