@@ -354,6 +354,7 @@ def _pulling_loss(context, student_output, teacher_output, num_student_groups, s
         target_key_features=target_keys,
         target_pseudo_labels=target_labels,
         target_confidence=target_confidence,
+        mesh=context.mesh,
         **pulling.pulling_loss_options(config),
     )
 
