@@ -179,6 +179,7 @@ def default_config() -> ml_collections.ConfigDict:
     pull.unreliable_fraction = 0.5  # alpha: target pixels below this confidence percentile are negatives
     pull.dynamic_reweighting = True  # DRW
     pull.reweight_scale = 0.5  # s in w_c = (1 - conf_c)^s
+    pull.num_groups = 0  # sampling groups along the batch (uda/pulling.py); 0 = one per device
 
     # ---------------------------------------------------------------- optimisation
     optim = config.optim = ml_collections.ConfigDict()

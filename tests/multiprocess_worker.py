@@ -45,6 +45,7 @@ OVERRIDES = {
     "train.num_steps": NUM_STEPS,
     "train.eval_every": NUM_STEPS,
     "train.checkpoint_every": NUM_STEPS,
+    "pull.num_groups": GLOBAL_BATCH,  # the pulling loss's sampling groups: one per device of the 4-device runs
 }
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t2s_jax import config as config_lib
+from t2s_jax import config as config_lib, parallel
 from t2s_jax.uda import pulling
 
 B, H, W, D, K = 2, 8, 8, 16, 5
@@ -25,7 +25,7 @@ KNOBS = dict(
     temperature=0.2,
 )
 # One compile per set of knobs (op-by-op dispatch of the loss is slower than compiling it).
-_pulling_loss = jax.jit(pulling.pulling_loss, static_argnames=(*KNOBS, "key_domain"))
+_pulling_loss = jax.jit(pulling.pulling_loss, static_argnames=(*KNOBS, "key_domain", "mesh", "num_groups"))
 SAMPLE_KNOBS = (
     "num_classes",
     "num_queries",
@@ -34,37 +34,47 @@ SAMPLE_KNOBS = (
     "domain_equalised_negatives",
     "unreliable_fraction",
     "loss",
-    "key_domain",
 )
 
 
-def _inputs(seed, source_classes=(0, 1, 2, 3), target_classes=(0, 1, 2, 3, 4), ignore=0.1):
+def _inputs(seed, source_classes=(0, 1, 2, 3), target_classes=(0, 1, 2, 3, 4), ignore=0.1, batch=B):
     """Random features; unbalanced source labels with some 255; target pseudo-labels and confidences."""
     rng = np.random.default_rng(seed)
+    grid = (batch, H, W)
     weights = np.linspace(3.0, 1.0, len(source_classes))
-    source_labels = rng.choice(source_classes, size=(B, H, W), p=weights / weights.sum())
-    source_labels = np.where(rng.random((B, H, W)) < ignore, 255, source_labels).astype(np.int32)
+    source_labels = rng.choice(source_classes, size=grid, p=weights / weights.sum())
+    source_labels = np.where(rng.random(grid) < ignore, 255, source_labels).astype(np.int32)
     return dict(
-        query_features=rng.normal(size=(B, H, W, D)).astype(np.float32),
+        query_features=rng.normal(size=(*grid, D)).astype(np.float32),
         query_labels=source_labels,
-        source_key_features=rng.normal(size=(B, H, W, D)).astype(np.float32),
+        source_key_features=rng.normal(size=(*grid, D)).astype(np.float32),
         source_labels=source_labels,
-        target_key_features=rng.normal(size=(B, H, W, D)).astype(np.float32),
-        target_pseudo_labels=rng.choice(target_classes, size=(B, H, W)).astype(np.int32),
-        target_confidence=rng.uniform(0.2, 1.0, size=(B, H, W)).astype(np.float32),
+        target_key_features=rng.normal(size=(*grid, D)).astype(np.float32),
+        target_pseudo_labels=rng.choice(target_classes, size=grid).astype(np.int32),
+        target_confidence=rng.uniform(0.2, 1.0, size=grid).astype(np.float32),
     )
 
 
 _draw_pull_samples = jax.jit(pulling.draw_pull_samples, static_argnames=SAMPLE_KNOBS)
 
 
-def _draw(key, inputs, knobs):
+def _has_positive(inputs, knobs):
+    """Classes with a positive key anywhere in the batch (NumPy)."""
+    key_labels = inputs["target_pseudo_labels"] if knobs.get("key_domain") == "target" else inputs["source_labels"]
+    return np.isin(np.arange(K), key_labels)
+
+
+def _draw(key, inputs, knobs, images=slice(None), num_queries=None):
+    """The samples of the group holding `images`, with base `num_queries` (default: knobs')."""
+    group = {name: None if value is None else value[images] for name, value in inputs.items()}
+    knobs = {**knobs, "num_queries": knobs["num_queries"] if num_queries is None else num_queries}
     return _draw_pull_samples(
         key,
-        inputs["query_labels"],
-        inputs["source_labels"],
-        inputs["target_pseudo_labels"],
-        inputs["target_confidence"],
+        group["query_labels"],
+        group["source_labels"],
+        group["target_pseudo_labels"],
+        group["target_confidence"],
+        _has_positive(inputs, knobs),
         **{name: knobs[name] for name in SAMPLE_KNOBS if name in knobs},
     )
 
@@ -82,42 +92,43 @@ def _reference_weights(classes, pseudo_labels, confidence, scale):
     return {c: value / mean for c, value in raw.items()}
 
 
-def _reference_loss(samples, inputs, knobs):
-    """float64, one query at a time, from the same sampled indices."""
-    flat = {
-        name: np.asarray(value, np.float64).reshape(P, -1)
-        for name, value in inputs.items()
-        if name.endswith("features") and value is not None
-    }
-    query_features = flat["query_features"]
-    source_keys = _normalize(flat["source_key_features"])
-    source_labels = inputs["source_labels"].reshape(-1)
+def _reference_loss(groups, inputs, knobs):
+    """float64, one query at a time, from the same sampled indices.
+
+    `groups`: (samples, images) per sampling group; a group's indices point into the
+    pixels of its `images` (a slice of the batch). Prototypes and DRW use the whole batch.
+    """
+    images_of = lambda name, images: np.asarray(inputs[name][images], np.float64).reshape(-1, D)
     has_target = inputs["target_key_features"] is not None
+    source_labels = inputs["source_labels"].reshape(-1)
     if has_target:
-        target_keys = _normalize(flat["target_key_features"])
         pseudo = inputs["target_pseudo_labels"].reshape(-1)
         confidence = inputs["target_confidence"].reshape(-1).astype(np.float64)
     if knobs.get("key_domain", "source") == "target":
-        key_features, key_labels = target_keys, pseudo
+        key_features, key_labels = _normalize(images_of("target_key_features", slice(None))), pseudo
     else:
-        key_features, key_labels = source_keys, source_labels
+        key_features, key_labels = _normalize(images_of("source_key_features", slice(None))), source_labels
     prototypes = {c: _normalize(key_features[key_labels == c].mean(0)) for c in range(K) if (key_labels == c).any()}
-    all_keys = np.concatenate([source_keys, target_keys]) if has_target else source_keys
-    queries = samples.queries
     per_class = collections.defaultdict(list)
-    for j in range(queries.pixel.shape[0]):
-        if not queries.valid[j]:
-            continue
-        c = int(queries.class_id[j])
-        query = _normalize(query_features[int(queries.pixel[j])])
-        positive = prototypes[c]
-        if knobs["loss"] == "mse":
-            loss = np.sum((query - positive) ** 2)
-        else:
-            negatives = [all_keys[i] for i, ok in zip(samples.negatives.index[j], samples.negatives.valid[j]) if ok]
-            logits = np.array([query @ positive] + [query @ key for key in negatives]) / knobs["temperature"]
-            loss = np.log(np.sum(np.exp(logits - logits.max()))) + logits.max() - logits[0]
-        per_class[c].append(loss)
+    for samples, images in groups:
+        query_features = images_of("query_features", images)
+        all_keys = _normalize(images_of("source_key_features", images))
+        if has_target:
+            all_keys = np.concatenate([all_keys, _normalize(images_of("target_key_features", images))])
+        queries = samples.queries
+        for j in range(queries.pixel.shape[0]):
+            if not queries.valid[j]:
+                continue
+            c = int(queries.class_id[j])
+            query = _normalize(query_features[int(queries.pixel[j])])
+            positive = prototypes[c]
+            if knobs["loss"] == "mse":
+                loss = np.sum((query - positive) ** 2)
+            else:
+                negatives = [all_keys[i] for i, ok in zip(samples.negatives.index[j], samples.negatives.valid[j]) if ok]
+                logits = np.array([query @ positive] + [query @ key for key in negatives]) / knobs["temperature"]
+                loss = np.log(np.sum(np.exp(logits - logits.max()))) + logits.max() - logits[0]
+            per_class[c].append(loss)
     if not per_class:
         return 0.0
     classes = sorted(per_class)
@@ -146,7 +157,7 @@ def test_matches_numpy_loop_reference(case):
     key = jax.random.key(3)
     loss, aux = _pulling_loss(key, *inputs.values(), **knobs)
     samples = jax.tree.map(np.asarray, _draw(key, inputs, knobs))
-    reference = _reference_loss(samples, inputs, knobs)
+    reference = _reference_loss([(samples, slice(None))], inputs, knobs)
     np.testing.assert_allclose(float(loss), reference, rtol=2e-5)
     assert reference > 0.01
     assert int(aux["classes_present"]) == len(set(samples.queries.class_id[samples.queries.valid]))
@@ -214,7 +225,9 @@ def test_drw_weights_follow_formula():
     pseudo = rng.choice([0, 1, 2, 4], size=P).astype(np.int32)  # class 3 never predicted
     confidence = rng.uniform(0.3, 1.0, size=P).astype(np.float32)
     present = np.array([True, True, False, True, True])
-    weights = np.asarray(pulling.class_weights(pseudo, confidence, present, num_classes=K, scale=0.5))
+    confidence_sum, count = pulling.class_sums(confidence, pseudo, K)
+    np.testing.assert_array_equal(count, np.bincount(pseudo, minlength=K))
+    weights = np.asarray(pulling.drw_weights(confidence_sum, count, present, scale=0.5))
     expected = _reference_weights([0, 1, 3, 4], pseudo, confidence.astype(np.float64), 0.5)
     np.testing.assert_allclose(weights, [expected[0], expected[1], 0.0, expected[3], expected[4]], rtol=1e-5)
     np.testing.assert_allclose(weights[present].mean(), 1.0, rtol=1e-6)
@@ -232,7 +245,7 @@ def test_class_without_positive_or_candidates_contributes_zero():
     samples = jax.tree.map(np.asarray, _draw(key, inputs, KNOBS))
     assert not (samples.queries.valid & (samples.queries.class_id == 4)).any()
     assert int(aux["classes_present"]) == 4
-    np.testing.assert_allclose(float(loss), _reference_loss(samples, inputs, KNOBS), rtol=2e-5)
+    np.testing.assert_allclose(float(loss), _reference_loss([(samples, slice(None))], inputs, KNOBS), rtol=2e-5)
 
 
 def _loss_and_grads(inputs, knobs, key=jax.random.key(0)):
@@ -313,3 +326,81 @@ def test_options_and_errors():
         pulling.pulling_loss(jax.random.key(0), *no_target.values(), **KNOBS)
     with pytest.raises(ValueError, match="unknown pull.loss"):
         pulling.pulling_loss(jax.random.key(0), *inputs.values(), **{**KNOBS, "loss": "l1"})
+    with pytest.raises(ValueError, match="pull.num_groups=3 must divide the batch of 2 images"):
+        pulling.pulling_loss(jax.random.key(0), *inputs.values(), **KNOBS, num_groups=3)
+
+
+@pytest.mark.parametrize("case", ["paper_default", "no_target"])
+def test_sampling_groups_match_numpy_reference(case):
+    """G = 2 groups of one image on one device: each draws from its own image with base
+    ceil(N / G) queries and key fold_in(key, g); prototypes, DRW and L_c are the batch's."""
+    knobs = {**KNOBS, **CASES[case]}
+    inputs = _inputs(14)
+    if case == "no_target":
+        inputs.update(target_key_features=None, target_pseudo_labels=None, target_confidence=None)
+    key = jax.random.key(5)
+    loss, aux = _pulling_loss(key, *inputs.values(), **knobs, num_groups=2)
+    images = [slice(g, g + 1) for g in range(2)]
+    groups = [
+        (jax.tree.map(np.asarray, _draw(jax.random.fold_in(key, g), inputs, knobs, images[g], 4)), images[g])
+        for g in range(2)
+    ]
+    reference = _reference_loss(groups, inputs, knobs)
+    np.testing.assert_allclose(float(loss), reference, rtol=2e-5)
+    whole_batch = _reference_loss([(jax.tree.map(np.asarray, _draw(key, inputs, knobs)), slice(None))], inputs, knobs)
+    assert abs(reference - whole_batch) > 1e-3  # other draws: the groups are not the whole-batch sampling
+    assert int(aux["num_queries"]) == sum(samples.queries.valid.sum() for samples, _ in groups)
+    if case == "paper_default":  # the mean of the groups' own confidence quantiles
+        thresholds = [np.percentile(inputs["target_confidence"][g], 50) for g in range(2)]
+        np.testing.assert_allclose(float(aux["unreliable_threshold"]), np.mean(thresholds), rtol=1e-6)
+
+
+def test_eight_devices_equal_one_device_with_eight_groups():
+    """G = 8: vmapped groups on 1 device = shard_map on 8 devices = 2 vmapped groups on each of 4."""
+    inputs = _inputs(15, batch=8)
+    key = jax.random.key(6)
+
+    def loss_and_grad(mesh, num_groups):
+        def loss_fn(query_features, *rest):
+            return pulling.pulling_loss(key, query_features, *rest, **KNOBS, mesh=mesh, num_groups=num_groups)
+
+        return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(*inputs.values())
+
+    (loss_1, aux_1), grad_1 = loss_and_grad(None, 8)
+    for mesh in (parallel.make_mesh(8), parallel.make_mesh(4)):
+        (loss_n, aux_n), grad_n = loss_and_grad(mesh, None if mesh.size == 8 else 8)
+        np.testing.assert_allclose(float(loss_n), float(loss_1), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(grad_n), np.asarray(grad_1), rtol=1e-4, atol=1e-8)
+        for name in aux_1:
+            np.testing.assert_allclose(float(aux_n[name]), float(aux_1[name]), rtol=1e-6, err_msg=name)
+    assert float(loss_1) > 0.01 and np.abs(np.asarray(grad_1)).max() > 0
+
+
+def test_infonce_chunks_match_formula():
+    """Chunks of 7 query slots (the last one padded) against a float64 loop; same gradient as one chunk."""
+    rng = np.random.default_rng(16)
+    num_queries, num_negatives, num_keys = 45, 12, 64
+    queries = _normalize(rng.normal(size=(num_queries, D))).astype(np.float32)
+    positives = _normalize(rng.normal(size=(num_queries, D))).astype(np.float32)
+    keys = jnp.asarray(_normalize(rng.normal(size=(num_keys, D))), jnp.float32)
+    index = rng.integers(0, num_keys, size=(num_queries, num_negatives)).astype(np.int32)
+    valid = rng.random((num_queries, num_negatives)) < 0.7
+    valid[3] = False  # a query without negatives: loss exactly 0
+    negatives = pulling.NegativeSample(index, valid)
+
+    def losses_fn(query_vectors, chunk_size):
+        return pulling.infonce_losses(
+            query_vectors, positives, keys, negatives, temperature=0.2, chunk_size=chunk_size
+        )
+
+    losses, similarity_sum = jax.jit(losses_fn, static_argnums=1)(queries, 7)
+    q64, k64, p64 = (np.asarray(x, np.float64) for x in (queries, keys, positives))
+    for j in range(num_queries):
+        logits = np.concatenate([[q64[j] @ p64[j]], k64[index[j][valid[j]]] @ q64[j]]) / 0.2
+        expected = np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[0]
+        np.testing.assert_allclose(float(losses[j]), expected if valid[j].any() else 0.0, rtol=1e-5, atol=1e-6)
+    assert float(losses[3]) == 0.0
+    expected_sum = np.sum(np.where(valid, np.einsum("qd,qmd->qm", q64, k64[index]), 0.0))
+    np.testing.assert_allclose(float(similarity_sum), expected_sum, rtol=1e-5)
+    grads = [jax.jit(jax.grad(lambda q, c: jnp.sum(losses_fn(q, c)[0])), static_argnums=1)(queries, c) for c in (7, 45)]
+    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=1e-5, atol=1e-8)

@@ -154,7 +154,8 @@ def test_every_pulling_domain_and_engine_trains(overrides):
 
 @pytest.mark.parametrize("method", ["mic", "t2s_mic", "masktwins"])
 def test_new_presets_compile_once_and_8_devices_equal_1(method):
-    config = _config(method, **{"data.batch_size": 8, "model.encoder.drop_path_rate": 0.0})
+    # Eight sampling groups of the pulling loss on both meshes, so both draw the same samples.
+    config = _config(method, **{"data.batch_size": 8, "model.encoder.drop_path_rate": 0.0, "pull.num_groups": 8})
     batches = [_batch(0, batch_size=8), _batch(1, batch_size=8, classes=(0, 13)), _batch(2, batch_size=8, classes=(255,))]
     history, _, cache_size = _run(config, batches)
     assert cache_size == 1

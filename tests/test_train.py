@@ -1,7 +1,10 @@
 """The training system end to end: device-count invariance, one compile, SIGTERM resume, eval mode."""
 
+import collections
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +33,20 @@ def _random_batch(batch_size, crop_hw, seed, classes=tuple(range(19))):
     }
 
 
+_COLLECTIVE = re.compile(r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[su]8|[su]16|[su]32|[su]64|bf16|f16|f32|f64)\[([0-9,]*)\]")
+
+
+def _collective_bytes(hlo_text):
+    """Bytes of every collective's result(s) in a compiled HLO module, summed per kind."""
+    totals = collections.Counter()
+    for result, kind in _COLLECTIVE.findall(hlo_text):
+        for dtype, dims in _ARRAY.findall(result):
+            width = 1 if dtype in ("pred", "s8", "u8") else int(re.sub(r"\D", "", dtype)) // 8
+            totals[kind] += width * math.prod(int(d) for d in dims.split(",") if d)
+    return totals
+
+
 def _jitted_step(config, mesh):
     graphdef, state, imagenet_params, optimizer = train.create_train_state(config, mesh, 100)
     return train.jit_train_step(config, graphdef, optimizer, mesh, 100), state, imagenet_params
@@ -39,13 +56,21 @@ def test_t2s_step_on_8_devices_equals_1_device_and_compiles_once(tmp_path):
     config = tiny.tiny_config(str(tmp_path), "t2s")
     config.data.batch_size = 8
     config.model.encoder.drop_path_rate = 0.0  # keep the comparison about sharding, not dropout masks
+    config.pull.num_groups = 8  # the pulling loss's sampling groups: one per device of the 8-device run
     batch = _random_batch(8, config.data.crop_hw, seed=0)
     results = {}
     for num_devices in (1, 8):
         mesh = parallel.make_mesh(num_devices)
         step, state, imagenet_params = _jitted_step(config, mesh)
-        state, metrics = step(state, parallel.global_batch(batch, mesh), imagenet_params)
+        global_batch = parallel.global_batch(batch, mesh)
+        state, metrics = step(state, global_batch, imagenet_params)
         results[num_devices] = (jax.device_get(state.params), jax.device_get(metrics))
+        if num_devices == 8:
+            # Data parallel: the gradient is the one large all-reduce (the executable is cached).
+            collectives = _collective_bytes(step.lower(state, global_batch, imagenet_params).compile().as_text())
+            gradient_bytes = sum(leaf.size * 4 for leaf in jax.tree.leaves(state.params))
+            assert gradient_bytes <= collectives["all-reduce"] <= 1.1 * gradient_bytes, (collectives, gradient_bytes)
+            assert collectives["all-gather"] + collectives["all-to-all"] <= 0.01 * gradient_bytes, collectives
         if num_devices == 1:
             # Batches holding other class sets (two classes; all ignore) reuse the same executable.
             for seed, classes in ((1, (0, 13)), (2, (255,))):

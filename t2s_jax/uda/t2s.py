@@ -105,6 +105,7 @@ class PullTerm(Term):
             target_key_features=target_keys,
             target_pseudo_labels=target_labels,
             target_confidence=target_confidence,
+            mesh=context.mesh,
             **self.options,
         )
         metrics = {f"pull_{name}": item for name, item in metrics.items()}
