@@ -41,14 +41,6 @@ from t2s_jax import methods, parallel, steps, train
 from t2s_jax.models import build_segmentor, layers
 from t2s_jax.optim import make_optimizer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.", lock_config=True)
-_METHODS = flags.DEFINE_list("methods", ["source_only", "daformer", "t2s"], "Methods to time (config.method values).")
-_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to time (config.model.dtype values).")
-_STEPS = flags.DEFINE_integer(
-    "steps", 50, "Timed steps per row (the median is reported); 0 = compile and analyse only, run nothing."
-)
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after the first one.")
-_JSON = flags.DEFINE_string("json", "", "Also write the rows as JSON to this path.")
 
 # Labels are constant on square blocks of this side, so ClassMix masks, stride-32 feature
 # distance cells and class prototypes of the pulling loss see realistic, non-degenerate input.
@@ -329,24 +321,39 @@ def describe_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -
     }
 
 
+def _define_flags() -> None:
+    """The command's flags, defined only when it runs: importing this module (the tests, the
+    GPU benchmark) must not claim `--config`, which `t2s_jax.main` defines too."""
+    config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.", lock_config=True)
+    flags.DEFINE_list("methods", ["source_only", "daformer", "t2s"], "Methods to time (config.method presets).")
+    flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to time (config.model.dtype values).")
+    flags.DEFINE_integer(
+        "steps", 50, "Timed steps per row (the median is reported); 0 = compile and analyse only, run nothing."
+    )
+    flags.DEFINE_integer("warmup", 3, "Untimed steps after the first one.")
+    flags.DEFINE_string("json", "", "Also write the rows as JSON to this path.")
+    flags.mark_flags_as_required(["config"])
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    row_configs = [row_config(config, m, d) for m in _METHODS.value for d in _DTYPES.value]
+    options = flags.FLAGS
+    config = options.config
+    row_configs = [row_config(config, m, d) for m in options.methods for d in options.dtypes]
     mesh = parallel.make_mesh(config.num_devices)
     setup = describe_setup(config, mesh)
     rows = []
     for run_config in row_configs:
-        rows.append(benchmark(run_config, mesh, steps_timed=_STEPS.value, warmup=_WARMUP.value))
+        rows.append(benchmark(run_config, mesh, steps_timed=options.steps, warmup=options.warmup))
         print(f"{run_config.method} {run_config.model.dtype}: {rows[-1].step_ms:.1f} ms/step", flush=True)
     print(", ".join(f"{k}: {v}" for k, v in setup.items()))
     print(format_table(rows), flush=True)
-    if _JSON.value and jax.process_index() == 0:
-        with open(_JSON.value, "w") as f:
+    if options.json and jax.process_index() == 0:
+        with open(options.json, "w") as f:
             json.dump({"setup": setup, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=2)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
+    _define_flags()
     app.run(main)
