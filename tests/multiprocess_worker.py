@@ -81,7 +81,7 @@ def main() -> None:
         losses.append({key: float(value) for key, value in parallel.to_host(metrics).items()})
 
     checkpointer = checkpointing.RunCheckpointer(args.workdir)
-    checkpointer.save(NUM_STEPS, state)
+    checkpointer.save(NUM_STEPS, state, {"batches": NUM_STEPS})  # no iterator here: a stand-in state
     checkpointer.close()
 
     final_params = parallel.to_host(state.params)
