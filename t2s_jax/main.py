@@ -151,7 +151,7 @@ def main(argv: list[str]) -> None:
     if problem := _workdir_problem(_WORKDIR.value, _MODE.value):
         _fail(problem, _USAGE_ERROR)
     # Imported here, after the command is known to be sound: jax, flax and orbax take seconds.
-    from t2s_jax import checkpointing, parallel, steps, train
+    from t2s_jax import checkpointing, parallel, steps, train, workdir_lock
 
     if problem := _method_problem(config, steps.METHODS):
         _fail(problem, _USAGE_ERROR)
@@ -174,7 +174,7 @@ def main(argv: list[str]) -> None:
             train.train_and_evaluate(config, _WORKDIR.value)
     except train.RunError as error:
         _fail(str(error), error.exit_code)
-    except (checkpointing.CheckpointError, checkpointing.WorkdirBusyError) as error:
+    except (checkpointing.CheckpointError, workdir_lock.WorkdirBusyError) as error:
         _fail(str(error), 1)
 
 

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from t2s_jax import checkpointing, data, evaluate, parallel, reporting, steps
+from t2s_jax.workdir_lock import WorkdirBusyError, WorkdirLock
 from t2s_jax.classes import CITYSCAPES_CLASSES
 from t2s_jax.models import build_segmentor, load_pretrained_encoder
 from t2s_jax.optim import make_optimizer
@@ -270,14 +271,14 @@ def prepare_workdir(workdir: str) -> None:
 
 @contextlib.contextmanager
 def _workdir_lock(workdir: str) -> Iterator[None]:
-    """One run per workdir: process 0 holds `checkpointing.WorkdirLock`; every process
-    learns whether it got it, so all of them stop when another run is using the workdir."""
+    """One run per workdir: process 0 holds its `WorkdirLock`; every process learns whether
+    it got it, so all of them stop when another run is using the workdir."""
     with contextlib.ExitStack() as stack:
         error: Exception | None = None
         if jax.process_index() == 0:
             try:
-                stack.enter_context(checkpointing.WorkdirLock(workdir))
-            except checkpointing.WorkdirBusyError as busy:
+                stack.enter_context(WorkdirLock(workdir))
+            except WorkdirBusyError as busy:
                 error = busy
             except OSError as failure:  # e.g. a read-only filesystem, even for root
                 error = RunError(f"cannot write the lock file in --workdir={workdir}: {failure.strerror}")
@@ -356,7 +357,7 @@ def _nonfinite_names(scalars: dict[str, float]) -> list[str]:
     return sorted(name for name, value in scalars.items() if not math.isfinite(value))
 
 
-def _check_and_save(checkpointer, writer, step, state, data_state, *, force: bool) -> None:
+def _check_and_save(checkpointer, writer, step, state, data_state, *, metrics, force: bool) -> None:
     """Saves `step` after the last guards: a finite state, and the logs on disk first (a
     kill after the save then never loses the records of the steps it covers)."""
     if not checkpointing.all_finite(state):
@@ -366,7 +367,7 @@ def _check_and_save(checkpointer, writer, step, state, data_state, *, force: boo
             "config.optim.learning_rate and rerun with the same --workdir to resume from the last one"
         )
     writer.flush()
-    checkpointer.save(step, state, data_state, force=force)
+    checkpointer.save(step, state, data_state, metrics=metrics, force=force)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -429,7 +430,7 @@ def _train(config, workdir, mesh, checkpointer, stop: _StopSignals) -> dict:
     timer_step, timer_start = start_step, time.perf_counter()
     try:
         if start_step and is_eval_step(start_step) and _saved_evaluation(workdir, start_step) is None:
-            logging.info("step %d was saved but not evaluated (the run stopped in between): evaluating it", start_step)
+            logging.info("step %d was saved but its evaluation did not finish: evaluating it", start_step)
             last_summary = evaluate_step(start_step)
         for step in range(start_step + 1, num_steps + 1):
             state, metrics = train_step(state, batches.next(), imagenet_params)
@@ -463,10 +464,20 @@ def _train(config, workdir, mesh, checkpointer, stop: _StopSignals) -> dict:
                         f"stopped without saving: {kept}. Lower config.optim.learning_rate (or check the data) "
                         "and rerun with the same --workdir to resume from it"
                     )
-            if save_now:
-                _check_and_save(checkpointer, writer, step, state, batches.consumed_state, force=stopping)
-            if is_eval_step(step):
-                last_summary = evaluate_step(step)
+            eval_metrics = None
+            try:
+                if is_eval_step(step):
+                    last_summary = evaluate_step(step)
+                    if math.isfinite(last_summary["miou"]):
+                        eval_metrics = {"miou": float(last_summary["miou"])}
+            finally:
+                # Saved even when the evaluation raised (then unranked): the metric that
+                # ranks the best checkpoint can only be given to the save itself.
+                if save_now:
+                    _check_and_save(
+                        checkpointer, writer, step, state, batches.consumed_state,
+                        metrics=eval_metrics, force=stopping,
+                    )  # fmt: skip
             if stopping:
                 raise RunStopped(
                     f"stopped at step {step} by signal {stop.signum} after saving it; "
@@ -588,6 +599,7 @@ def evaluate_checkpoint(
         graphdef, abstract_params, abstract_batch_stats = _abstract_model_state(config, mesh)
         checkpointer = checkpointing.RunCheckpointer(workdir, read_only=True)
         (params, batch_stats), step = checkpointer.restore_model(abstract_params, abstract_batch_stats, step)
+        checkpointer.close()
         label = f"{workdir} step {step}"
     summary = _eval_setup(config, graphdef, mesh)(params, batch_stats)
     logging.info("evaluation of %s:\n%s", label, evaluate.format_iou_table(summary))
