@@ -5,8 +5,10 @@ Every example has `image` (H x W x 3 uint8, PNG or the original JPEG bytes), `la
 `file_name` (the image path relative to the manual dir). Records keep the order of the
 sorted file names (`disable_shuffling`), so example indices are stable.
 
-Each split's conversion report and class statistics are stored in the dataset's
-`metadata.json` (`builder.info.metadata["splits"][split]`):
+The dataset's classes are stored in its `metadata.json` (`builder.info.metadata`):
+`class_names`, `num_classes` and `palette` (an RGB triple per class, for pictures). Each
+split's conversion report and class statistics are stored there too
+(`builder.info.metadata["splits"][split]`):
 `written`, `skipped` [file, reason], `size_fixes` [file, label hw, image hw],
 `unknown_ids` [file, {id: pixels}], `class_pixels` (per class), `ignore_pixels`, and
 `class_examples`: per class the [example index, pixels] of every example holding it,
@@ -32,7 +34,7 @@ import tqdm
 from etils import epath
 
 from data_pipelines import convert, labels, synthetic_city
-from t2s_jax.classes import CITYSCAPES_CLASSES, IGNORE_INDEX
+from t2s_jax.classes import CITYSCAPES, IGNORE_INDEX, ClassList, generate_palette
 
 
 class LayoutError(ValueError):
@@ -72,11 +74,12 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
             metadata=tfds.core.MetadataDict(),
         )
 
-    def _class_names(self) -> tuple[str, ...]:
-        return CITYSCAPES_CLASSES
+    def _classes(self) -> ClassList:
+        return CITYSCAPES
 
     def _write_split(self, split: str, records: Iterator[convert.Converted], total: int):
-        report = convert.SplitReport(len(self._class_names()))
+        classes = self._classes()
+        report = convert.SplitReport(len(classes.names))
         name = f"{self.name}/{self.builder_config.name}" if self.builder_config else self.name
         for record in tqdm.tqdm(records, total=total, desc=f"{name} {split}", unit="image"):
             index = report.written
@@ -90,7 +93,9 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
                 f"{name} {split}: no file could be converted; first skipped: {report.skipped[:3]}"
             )
         self.info.metadata.setdefault("splits", {})[split] = report.to_json()
-        self.info.metadata["class_names"] = list(self._class_names())
+        self.info.metadata["class_names"] = list(classes.names)
+        self.info.metadata["num_classes"] = len(classes.names)
+        self.info.metadata["palette"] = classes.palette.tolist()
 
 
 class _ManualSegmentationBuilder(_SegmentationBuilder, skip_registration=True):
@@ -271,14 +276,47 @@ class CityscapesFine(_ManualSegmentationBuilder):
 
 # ------------------------------------------------------------------------ a user's image folder
 
-FOLDER_LAYOUT = """  <manual_dir>/classes.txt                  one class name per line, in train-id order
+FOLDER_LAYOUT = """  <manual_dir>/classes.txt                  one class per line, in train-id order:
+                                            a name, optionally its picture colour R G B
+                                            (e.g. 'car 0 0 142'; others get distinct ones)
   <manual_dir>/images/<split>/<name>.png|.jpg
   <manual_dir>/labels/<split>/<name>.png    8-bit train ids, 255 = ignore
   (split folders: any name; 'val' is stored as 'validation')"""
 
 
+def _parse_class_line(path: epath.Path, number: int, line: str) -> tuple[str, tuple[int, int, int] | None]:
+    """'traffic light' -> (name, None); 'car 0 0 142' -> ('car', (0, 0, 142))."""
+    words = line.split()
+    if len(words) < 4 or not all(w.isdigit() for w in words[-3:]):
+        return " ".join(words), None
+    colour = tuple(int(w) for w in words[-3:])
+    if max(colour) > 255:
+        raise LayoutError(f"{path} line {number}: colour {colour} of {line!r} is not RGB 0..255")
+    return " ".join(words[:-3]), colour
+
+
+def read_class_list(manual_dir: epath.Path) -> ClassList:
+    """classes.txt of an image folder: names in train-id order, palette from the colours
+    given there; classes without one get distinct generated colours (none black)."""
+    path = manual_dir / "classes.txt"
+    if not path.is_file():
+        raise LayoutError(f"{manual_dir} has no classes.txt. Expected layout:\n{FOLDER_LAYOUT}")
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    parsed = [_parse_class_line(path, n, line) for n, line in lines]
+    names = tuple(name for name, _ in parsed)
+    if not 0 < len(names) < IGNORE_INDEX:
+        raise LayoutError(f"{path} names {len(names)} classes; expected 1 to {IGNORE_INDEX - 1}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise LayoutError(f"{path} names {', '.join(map(repr, repeated))} more than once")
+    given = [colour for _, colour in parsed if colour is not None]
+    generated = iter(generate_palette(len(names) - len(given), taken=given).tolist())
+    palette = [colour if colour is not None else next(generated) for _, colour in parsed]
+    return ClassList(names, np.array(palette, np.uint8))
+
+
 class SegmentationFolder(_ManualSegmentationBuilder):
-    """A user's own data: images and train-id label PNGs per split, classes named in classes.txt."""
+    """A user's own data: images and train-id label PNGs per split, classes from classes.txt."""
 
     name = "segmentation_folder"
     DESCRIPTION = "Images with train-id label PNGs from a folder, classes from classes.txt."
@@ -287,27 +325,19 @@ class SegmentationFolder(_ManualSegmentationBuilder):
         tfds.core.BuilderConfig(name="default", description="The folder given at preparation.")
     ]
 
-    def _read_classes(self, manual_dir: epath.Path) -> tuple[str, ...]:
-        path = manual_dir / "classes.txt"
-        if not path.is_file():
-            raise LayoutError(f"{manual_dir} has no classes.txt. Expected layout:\n{FOLDER_LAYOUT}")
-        names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
-        if not 0 < len(names) < IGNORE_INDEX:
-            raise LayoutError(f"{path} names {len(names)} classes; expected 1 to {IGNORE_INDEX - 1}")
-        return names
-
-    def _class_names(self):
-        return self._classes
+    def _classes(self):
+        return self._class_list
 
     def _find_pairs(self, manual_dir):
         _require_dirs(manual_dir, "image folder", FOLDER_LAYOUT, "images", "labels")
-        self._classes = self._read_classes(manual_dir)
+        self._class_list = read_class_list(manual_dir)
+        num_classes = len(self._class_list.names)
         folders = sorted(p.name for p in (manual_dir / "images").iterdir() if p.is_dir())
         if not folders:
             raise LayoutError(f"{manual_dir}/images has no split folders. Expected layout:\n{FOLDER_LAYOUT}")
         label_format = convert.LabelFormat(
-            labels.train_id_lookup(labels.identity_mapping(len(self._classes))),
-            frozenset(range(len(self._classes))) | {IGNORE_INDEX},
+            labels.train_id_lookup(labels.identity_mapping(num_classes)),
+            frozenset(range(num_classes)) | {IGNORE_INDEX},
         )
         splits = {}
         for folder in folders:

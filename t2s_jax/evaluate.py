@@ -24,7 +24,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from PIL import Image
 
-from t2s_jax.classes import IGNORE_INDEX, SYNTHIA13_CLASS_IDS, SYNTHIA16_CLASS_IDS, colorize
+from t2s_jax.classes import (
+    CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX, SYNTHIA13_CLASS_IDS, SYNTHIA16_CLASS_IDS, colorize,
+)  # fmt: skip
 from t2s_jax.parallel import data_sharded, global_batch, replicated, to_host
 from t2s_jax.uda.normalize import normalize
 
@@ -81,8 +83,9 @@ def _nanmean(values: np.ndarray) -> float:
 
 def summarize(confusion: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     """'class_names', 'per_class_iou' (a list in class order, nan = absent), 'miou' over
-    all classes, 'pixel_accuracy', 'num_pixels'; for the 19 Cityscapes classes also
-    'miou19' (= 'miou') and the SYNTHIA subsets 'miou16' and 'miou13'."""
+    all classes, 'pixel_accuracy', 'num_pixels'; for the Cityscapes class list also
+    'miou19' (= 'miou') and the SYNTHIA subsets 'miou16' and 'miou13' (other lists of 19
+    classes have no such subsets)."""
     confusion = np.asarray(confusion, np.int64)
     if confusion.shape != (len(class_names), len(class_names)):
         raise ValueError(f"confusion matrix {confusion.shape} does not match {len(class_names)} class names")
@@ -95,7 +98,7 @@ def summarize(confusion: np.ndarray, class_names: Sequence[str]) -> dict[str, An
         "pixel_accuracy": float(np.trace(confusion) / total) if total else math.nan,
         "num_pixels": int(total),
     }
-    if len(class_names) == 19:
+    if tuple(class_names) == CITYSCAPES_CLASSES:
         summary["miou19"] = summary["miou"]
         summary["miou16"] = _nanmean(iou[list(SYNTHIA16_CLASS_IDS)])
         summary["miou13"] = _nanmean(iou[list(SYNTHIA13_CLASS_IDS)])
@@ -320,16 +323,22 @@ def _nearest(label_map: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 
 def save_prediction_pictures(
-    directory: str, step: int, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray
+    directory: str,
+    step: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    palette: np.ndarray = CITYSCAPES_PALETTE,
 ) -> list[str]:
-    """One PNG per example: image | ground truth | prediction, in the Cityscapes palette
-    (ignore is black), at the image's size. Returns the paths written."""
+    """One PNG per example: image | ground truth | prediction, in `palette` ((K, 3) uint8,
+    the dataset's `ClassList.palette`; ignore is black), at the image's size. Returns the
+    paths written."""
     os.makedirs(directory, exist_ok=True)
     paths = []
     for index, (image, label, prediction) in enumerate(zip(images, labels, predictions)):
         image_hw = image.shape[:2]
-        panels = [np.asarray(image, np.uint8), colorize(_nearest(label, image_hw))]
-        panels.append(colorize(_nearest(prediction, image_hw)))
+        panels = [np.asarray(image, np.uint8), colorize(_nearest(label, image_hw), palette)]
+        panels.append(colorize(_nearest(prediction, image_hw), palette))
         path = os.path.join(directory, f"step_{step:06d}_{index:02d}.png")
         Image.fromarray(np.concatenate(panels, axis=1)).save(path)
         paths.append(path)

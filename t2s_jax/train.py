@@ -28,7 +28,6 @@ from jax.experimental import multihost_utils
 
 from t2s_jax import checkpointing, data, evaluate, parallel, reporting, steps
 from t2s_jax.workdir_lock import WorkdirBusyError, WorkdirLock
-from t2s_jax.classes import CITYSCAPES_CLASSES
 from t2s_jax.models import build_segmentor, load_pretrained_encoder
 from t2s_jax.optim import make_optimizer
 
@@ -294,7 +293,7 @@ def _workdir_lock(workdir: str) -> Iterator[None]:
 # ---------------------------------------------------------------------------- evaluation in the loop
 
 
-def _eval_setup(config, graphdef, mesh):
+def _eval_setup(config, graphdef, mesh, class_list: data.ClassList):
     """`run(params, batch_stats) -> summary` over the eval split. The global eval batch is
     `data.eval_batch_size` rounded up to a multiple of the mesh's devices; the padding
     examples (valid=False) are scored nowhere, so any eval_batch_size works on any mesh."""
@@ -307,7 +306,7 @@ def _eval_setup(config, graphdef, mesh):
             data_config, process_index=jax.process_index(), process_count=jax.process_count()
         )
         return evaluate.evaluate(
-            eval_step, (params, batch_stats), iterator, mesh, CITYSCAPES_CLASSES,
+            eval_step, (params, batch_stats), iterator, mesh, class_list.names,
             num_pictures=config.train.num_pictures,
         )
 
@@ -318,21 +317,21 @@ def _eval_path(workdir: str, step: int) -> str:
     return os.path.join(workdir, "eval", f"step_{step}.json")
 
 
-def _log_evaluation(workdir, step, summary, writer):
+def _log_evaluation(workdir, step, summary, writer, palette):
     logging.info("step %d evaluation:\n%s", step, evaluate.format_iou_table(summary))
     writer.write_scalars(step, _scalar_items(summary))
     writer.flush()
     if jax.process_index() == 0:
         pictures = summary.get("pictures")
         if pictures:
-            evaluate.save_prediction_pictures(os.path.join(workdir, "pictures"), step, *pictures)
+            evaluate.save_prediction_pictures(os.path.join(workdir, "pictures"), step, *pictures, palette=palette)
         # Written last: its presence says the evaluation of `step` is complete and logged.
         evaluate.write_eval_json(_eval_path(workdir, step), summary)
 
 
 def _scalar_items(summary: dict) -> dict[str, float]:
     scalars = {f"eval/{k}": float(v) for k, v in summary.items() if k.startswith("miou")}
-    for name, iou in zip(CITYSCAPES_CLASSES, summary["per_class_iou"]):
+    for name, iou in zip(summary["class_names"], summary["per_class_iou"]):
         scalars[f"eval_iou/{name.replace(' ', '_')}"] = float(iou)
     return scalars
 
@@ -380,17 +379,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     message: `t2s_jax.main` prints it and exits non-zero.
     """
     mesh = make_run_mesh(config)
-    _ensure_datasets(config, eval_only=False)
+    class_list = _check_datasets(config, eval_only=False)
     prepare_workdir(workdir)
     with _stop_signals() as stop, _workdir_lock(workdir):
         checkpointer = checkpointing.RunCheckpointer(workdir, keep=config.train.keep_checkpoints)
         try:
-            return _train(config, workdir, mesh, checkpointer, stop)
+            return _train(config, workdir, mesh, class_list, checkpointer, stop)
         finally:
             checkpointer.close()
 
 
-def _train(config, workdir, mesh, checkpointer, stop: _StopSignals) -> dict:
+def _train(config, workdir, mesh, class_list, checkpointer, stop: _StopSignals) -> dict:
     num_steps, train_config = config.train.num_steps, config.train
     latest = checkpointer.latest_step()
     if latest is not None and latest >= num_steps and (summary := _saved_evaluation(workdir, latest)):
@@ -409,7 +408,7 @@ def _train(config, workdir, mesh, checkpointer, stop: _StopSignals) -> dict:
         logging.info("resumed at step %d", start_step)
 
     train_step = jit_train_step(config, graphdef, optimizer, mesh, num_steps)
-    run_eval = _eval_setup(config, graphdef, mesh)
+    run_eval = _eval_setup(config, graphdef, mesh, class_list)
     writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start_step)
     if start_step == 0 and jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -420,7 +419,7 @@ def _train(config, workdir, mesh, checkpointer, stop: _StopSignals) -> dict:
 
     def evaluate_step(step: int) -> dict:
         summary = run_eval(state.params, state.batch_stats)
-        _log_evaluation(workdir, step, summary, writer)
+        _log_evaluation(workdir, step, summary, writer, class_list.palette)
         return summary
 
     batches = BatchFeeder(train_iterator, mesh, config.data.prefetch)
@@ -512,14 +511,17 @@ def make_run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return mesh
 
 
-def _ensure_datasets(config: ml_collections.ConfigDict, *, eval_only: bool) -> None:
+def _check_datasets(config: ml_collections.ConfigDict, *, eval_only: bool) -> data.ClassList:
+    """Prepares (synthetic) or finds the run's datasets; their class lists must match the
+    model. Returns the eval dataset's classes."""
     names = [config.data.eval_dataset]
     if not eval_only:
         names = [config.data.source, *([config.data.target] if config.data.target else []), *names]
     try:
         for name in names:
             data.ensure_prepared(name, config.data.data_dir)
-    except FileNotFoundError as error:
+        return data.check_classes(config, training=not eval_only)
+    except (FileNotFoundError, ValueError) as error:
         raise RunError(str(error)) from None
 
 
@@ -586,7 +588,7 @@ def evaluate_checkpoint(
     """Evaluates a run checkpoint of `workdir` (latest good or `step`; only the student's
     parameters and BN statistics are read) or an imported pretrained model."""
     mesh = make_run_mesh(config)
-    _ensure_datasets(config, eval_only=True)
+    class_list = _check_datasets(config, eval_only=True)
     if pretrained:
         from t2s_jax.models import from_hf_pretrained
 
@@ -601,7 +603,7 @@ def evaluate_checkpoint(
         (params, batch_stats), step = checkpointer.restore_model(abstract_params, abstract_batch_stats, step)
         checkpointer.close()
         label = f"{workdir} step {step}"
-    summary = _eval_setup(config, graphdef, mesh)(params, batch_stats)
+    summary = _eval_setup(config, graphdef, mesh, class_list)(params, batch_stats)
     logging.info("evaluation of %s:\n%s", label, evaluate.format_iou_table(summary))
     if pretrained:
         output = os.path.join(workdir, "eval", "pretrained_eval_mode.json")
@@ -689,8 +691,9 @@ def _json_float(value: float) -> float | None:
 def comparison_table(results: dict[str, list[dict]]) -> str:
     """Per-class IoU and mIoU (%) of several methods, one column each; mean +- std over seeds."""
     methods = list(results)
+    class_names = results[methods[0]][0]["class_names"]  # the runs share the eval dataset
     lines = ["| class | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    for index, name in enumerate(CITYSCAPES_CLASSES):
+    for index, name in enumerate(class_names):
         cells = [_mean_std([s["per_class_iou"][index] for s in results[m]]) for m in methods]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     cells = [f"**{_mean_std([s['miou'] for s in results[m]])}**" for m in methods]

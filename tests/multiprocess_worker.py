@@ -1,12 +1,13 @@
 """One process of a multi-process step check (run by tests/test_multiprocess.py).
 
 Every process builds the tiny T2S-DA run, starts `jax.distributed` with the flags of
-`python -m t2s_jax.main`, and feeds the SAME global batches whatever the topology: each
-global batch is drawn from the step's seed, and process p contributes rows
-[p * B/P, (p + 1) * B/P). After the steps it saves a run checkpoint (Orbax, all processes
-cooperating) and, with --restore_from, restores another run's checkpoint onto its own
-mesh. Process 0 writes the losses to <workdir>/result.json and the restored parameters
-to <workdir>/restored_params.npz.
+`python -m t2s_jax.main`, and trains on the real input pipeline (`data.make_train_iterator`
+with its process index and count), whose global batch of a step is the same whatever the
+topology: process p contributes rows [p * B/P, (p + 1) * B/P). After the steps it saves a
+run checkpoint (Orbax, all processes cooperating) and, with --restore_from, restores
+another run's checkpoint onto its own mesh. Process 0 writes the losses to
+<workdir>/result.json, the assembled global batches to <workdir>/batches.npz and the
+restored parameters to <workdir>/restored_params.npz.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import sys
 
 import jax
 import numpy as np
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tiny  # noqa: E402
 
-from t2s_jax import bench, checkpointing, parallel, train  # noqa: E402
+from t2s_jax import checkpointing, data, parallel, train  # noqa: E402
 
 NUM_STEPS = 3
 GLOBAL_BATCH = 4
@@ -46,11 +48,6 @@ OVERRIDES = {
 }
 
 
-def global_batch_for_step(config, step: int) -> dict[str, np.ndarray]:
-    """The whole global batch of `step`: a pure function of the step, not of the topology."""
-    return bench.synthetic_host_batch(config.data, config.model.num_classes, seed=1000 + step)
-
-
 def _max_abs_diff(tree_a, tree_b) -> float:
     return max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)))
 
@@ -61,23 +58,26 @@ def main() -> None:
     parser.add_argument("--num_processes", type=int, default=0)
     parser.add_argument("--process_id", type=int, default=-1)
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--data_dir", required=True, help="where the test prepared the synthetic pair")
     parser.add_argument("--restore_from", default="", help="a run dir whose latest checkpoint to restore")
     args = parser.parse_args()
+    flags.FLAGS.mark_as_parsed()  # grain reads absl flags
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    config = tiny.tiny_config(os.path.join(args.workdir, "unused_data"), "t2s", **OVERRIDES)
+    config = tiny.tiny_config(args.data_dir, "t2s", **OVERRIDES)
     mesh = parallel.make_mesh()
     graphdef, state, imagenet_params, optimizer = train.create_train_state(config, mesh, NUM_STEPS)
     step_fn = train.jit_train_step(config, graphdef, optimizer, mesh, NUM_STEPS)
 
     initial_params = parallel.to_host(state.params)
-    rows = GLOBAL_BATCH // jax.process_count()
-    first = jax.process_index() * rows
-    losses = []
+    iterator = data.make_train_iterator(
+        config.data, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    losses, batches = [], []
     for step in range(NUM_STEPS):
-        whole = global_batch_for_step(config, step)
-        local = {key: value[first : first + rows] for key, value in whole.items()}
-        state, metrics = step_fn(state, parallel.global_batch(local, mesh), imagenet_params)
+        batch = parallel.global_batch(next(iterator), mesh)
+        batches.append(parallel.to_host(batch))  # the assembled global batch, whole on every process
+        state, metrics = step_fn(state, batch, imagenet_params)
         losses.append({key: float(value) for key, value in parallel.to_host(metrics).items()})
 
     checkpointer = checkpointing.RunCheckpointer(args.workdir)
@@ -101,6 +101,10 @@ def main() -> None:
         if jax.process_index() == 0:  # the test compares them with its own restore
             np.savez(os.path.join(args.workdir, "restored_params.npz"), *jax.tree.leaves(restored_params))
     if jax.process_index() == 0:
+        np.savez(
+            os.path.join(args.workdir, "batches.npz"),
+            **{f"{step}/{key}": value for step, batch in enumerate(batches) for key, value in batch.items()},
+        )
         with open(os.path.join(args.workdir, "result.json"), "w") as f:
             json.dump(result, f, indent=2)
 

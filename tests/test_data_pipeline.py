@@ -1,5 +1,6 @@
 """The grain pipeline: determinism, sharding, resuming, aligned crops, rare class sampling, evaluation."""
 
+import json
 import os
 
 import numpy as np
@@ -9,7 +10,8 @@ from PIL import Image
 from data_pipelines import prepare
 from t2s_jax import data
 from t2s_jax.config import default_config
-from t2s_jax.data import rcs, transforms
+from t2s_jax.classes import CITYSCAPES_PALETTE
+from t2s_jax.data import pipeline, rcs, sources, transforms
 
 HW = (40, 56)
 NUM_TRAIN, NUM_VAL = 12, 7
@@ -115,24 +117,60 @@ def test_same_seed_same_batches(data_dir):
     assert any(not np.array_equal(a["source_image"], b["source_image"]) for a, b in zip(first, other))
 
 
-def test_processes_get_disjoint_shards_covering_each_epoch(data_dir):
+def global_batches(config, seed, process_count, num_batches, states=None):
+    """Batches 0..n-1 (or from `states`, one per process) of every process, stacked in
+    process order as `jax.make_array_from_process_local_data` assembles them; and each
+    process's iterator state after them."""
+    iterators = [
+        data.make_train_iterator(config, seed=seed, process_index=p, process_count=process_count)
+        for p in range(process_count)
+    ]
+    if states is not None:
+        for iterator, state in zip(iterators, states):
+            iterator.set_state(state)
+    per_process = [take(iterator, num_batches) for iterator in iterators]
+    stacked = [
+        {key: np.concatenate([batches[k][key] for batches in per_process]) for key in per_process[0][k]}
+        for k in range(num_batches)
+    ]
+    return stacked, [iterator.get_state() for iterator in iterators]
+
+
+@pytest.mark.parametrize("rare_class_sampling", [False, True])
+def test_global_batches_do_not_depend_on_the_process_count(data_dir, rare_class_sampling):
+    config = config_for(data_dir, flip_prob=0.5, cat_max_ratio=0.75)
+    config.rcs.enabled = rare_class_sampling
+    config.rcs.min_pixels, config.rcs.min_crop_pixels = 10, 5
+    reference, _ = global_batches(config, seed=5, process_count=1, num_batches=7)
+    for process_count in (2, 4):
+        first, states = global_batches(config, seed=5, process_count=process_count, num_batches=4)
+        assert_same_batches(first, reference[:4])
+        # Resumed in fresh iterators from each process's saved state: the next batches.
+        resumed, _ = global_batches(config, seed=5, process_count=process_count, num_batches=3, states=states)
+        assert_same_batches(resumed, reference[4:])
+    ids = [int(image[0, 0, 2]) for batch in reference for image in batch["source_image"]]
+    assert len(set(ids)) > 4  # a real stream, not one example repeated
+
+
+def test_each_epoch_is_a_new_permutation_of_the_split(data_dir):
+    batches, _ = global_batches(config_for(data_dir), seed=0, process_count=2, num_batches=6)
+    for domain in ("source", "target"):
+        ids = [int(image[0, 0, 2]) for batch in batches for image in batch[f"{domain}_image"]]
+        first, second = ids[:NUM_TRAIN], ids[NUM_TRAIN:]
+        assert sorted(first) == sorted(second) == list(range(NUM_TRAIN))  # every example once per epoch
+        assert first != sorted(first) and first != second  # shuffled, and reshuffled per epoch
+
+
+def test_a_process_transforms_only_its_own_examples(data_dir, monkeypatch):
+    crops = []
+    crop_and_flip = transforms.crop_and_flip
+    monkeypatch.setattr(transforms, "crop_and_flip", lambda *args: crops.append(1) or crop_and_flip(*args))
     config = config_for(data_dir)
-    batches_per_epoch = NUM_TRAIN // 2 // 2  # 6 examples per process, 2 per batch
-    seen = []
-    for process in range(2):
-        batches = take(
-            data.make_train_iterator(config, seed=0, process_index=process, process_count=2),
-            2 * batches_per_epoch,
-        )
-        ids = [int(image[0, 0, 2]) for batch in batches for image in batch["source_image"]]
-        first, second = ids[: 2 * batches_per_epoch], ids[2 * batches_per_epoch :]
-        assert sorted(first) != first or sorted(second) != second  # shuffled
-        assert first != second  # reshuffled per epoch
-        seen.append((set(first), set(second)))
-    for epoch in range(2):
-        shard0, shard1 = seen[0][epoch], seen[1][epoch]
-        assert not shard0 & shard1
-        assert shard0 | shard1 == set(range(NUM_TRAIN))
+    take(data.make_train_iterator(config, seed=0, process_index=1, process_count=4), 8)
+    # 2 domains x 1 example per batch, plus what the read threads computed ahead; reading
+    # every process's examples would be 4x as many.
+    read_ahead = pipeline._PREFETCH_BATCHES + pipeline._READ_THREADS
+    assert 16 <= len(crops) <= 2 * (8 + read_ahead) < 2 * 4 * 8
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -203,28 +241,59 @@ def test_rare_class_probabilities_follow_the_softmax():
 
 
 @pytest.mark.parametrize("max_examples, expected", [(0, NUM_VAL), (5, 5)])
-def test_eval_yields_each_image_once_over_two_processes(data_dir, max_examples, expected):
+def test_eval_covers_each_image_once_in_split_order_on_any_process_count(data_dir, max_examples, expected):
     config = config_for(data_dir, eval_batch_size=4, eval_resize_hw=(20, 40), max_eval_examples=max_examples)
     assert data.num_eval_examples(config) == expected
-    ids, batch_counts = [], []
-    for process in range(2):
-        batches = list(data.make_eval_iterator(config, process_index=process, process_count=2))
-        batch_counts.append(len(batches))
-        for batch in batches:
-            assert batch["image"].shape == (2, 20, 28, 3)  # 40x56 fit into 20x40 keeps the ratio
-            assert batch["label"].shape == (2, *HW) and batch["valid"].dtype == bool
-            for image, label, valid in zip(batch["image"], batch["label"], batch["valid"]):
-                if valid:
+    for process_count in (1, 2, 3, 4):
+        per_process = [
+            list(data.make_eval_iterator(config, process_index=p, process_count=process_count))
+            for p in range(process_count)
+        ]
+        rows = max(4 // process_count, 1)
+        global_size = rows * process_count
+        assert all(len(batches) == -(-expected // global_size) for batches in per_process)
+        ids = []
+        for step in range(len(per_process[0])):
+            blocks = [batches[step] for batches in per_process]
+            for batch in blocks:
+                assert batch["image"].shape == (rows, 20, 28, 3)  # 40x56 fit into 20x40 keeps the ratio
+                assert batch["label"].shape == (rows, *HW) and batch["valid"].dtype == bool
+            # The global batch: the blocks in process order, as the batch sharding assembles them.
+            images, labels, valid = (np.concatenate([b[key] for b in blocks]) for key in ("image", "label", "valid"))
+            for position, (image, label, is_valid) in enumerate(zip(images, labels, valid), step * global_size):
+                assert is_valid == (position < expected)
+                if is_valid:
                     ids.append(int(image[0, 0, 2]) - 100)
                     np.testing.assert_array_equal(label, coordinate_example(ids[-1] + 100)[1])
                 else:
                     assert (label == 255).all()
-    assert batch_counts[0] == batch_counts[1]
-    assert sorted(ids) == list(range(expected))
+        assert ids == list(range(expected)), process_count  # split order, whatever the process count
 
 
 def test_class_names_come_from_the_dataset(data_dir):
     assert data.class_names("image_folder/rare", data_dir) == ("class0", "class1", "class2")
+    classes = data.class_list("image_folder/rare", data_dir)
+    assert classes.names == ("class0", "class1", "class2") and not classes.is_cityscapes
+    np.testing.assert_array_equal(classes.palette, [(128, 0, 0), (0, 128, 0), (128, 128, 0)])
+
+
+def test_the_class_count_is_checked_against_every_dataset_of_the_run(data_dir):
+    config = default_config()
+    config.data = config_for(data_dir, source="image_folder/rare")
+    with pytest.raises(ValueError, match=(
+        r"^config.model.num_classes=19 but config.data.source='image_folder/rare' has 3 classes; "
+        r"set --config.model.num_classes=3$"
+    )):  # fmt: skip
+        data.check_classes(config)
+    # Evaluation alone needs only the eval dataset (coords: 19 classes) to agree.
+    assert data.check_classes(config, training=False).names == tuple(f"class{c}" for c in range(19))
+    config.model.num_classes = 3
+    config.data.target = config.data.eval_dataset = "image_folder/rare"
+    config.uda.fd_classes = (1, 2)
+    assert data.check_classes(config).names == ("class0", "class1", "class2")
+    config.uda.fd_classes = (2, 3)
+    with pytest.raises(ValueError, match=r"fd_classes=\(2, 3\) has ids outside the 3 classes"):
+        data.check_classes(config)
 
 
 # ------------------------------------------------------------------------ host transforms
@@ -272,6 +341,19 @@ def test_ensure_prepared_builds_synthetic_and_names_the_command_for_real_data(tm
     path = data.ensure_prepared("synthetic_city/source_16x32", str(tmp_path))
     assert os.path.exists(f"{path}/dataset_info.json")
     assert data.class_names("synthetic_city/source_16x32", str(tmp_path))[10] == "sky"
+    classes = data.class_list("synthetic_city/source_16x32", str(tmp_path))
+    assert classes.is_cityscapes
+    np.testing.assert_array_equal(classes.palette, CITYSCAPES_PALETTE)
+    # Prepared before palettes were stored: the Cityscapes classes still get their palette.
+    metadata_path = f"{path}/metadata.json"
+    with open(metadata_path) as f:
+        metadata = json.load(f)
+    del metadata["palette"]
+    with open(metadata_path, "w") as f:
+        json.dump(metadata, f)
+    sources._builder.cache_clear()
+    old = data.class_list("synthetic_city/source_16x32", str(tmp_path))
+    np.testing.assert_array_equal(old.palette, CITYSCAPES_PALETTE)
     with pytest.raises(
         FileNotFoundError, match="python -m data_pipelines.prepare --dataset=gta5 --manual_dir="
     ):

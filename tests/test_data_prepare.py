@@ -1,6 +1,7 @@
 """Offline preparation: every published layout, every bad case, every mapped pixel, the report."""
 
 import io
+import json
 import os
 import struct
 import subprocess
@@ -13,7 +14,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from data_pipelines import builders, png16, prepare
-from t2s_jax.classes import CITYSCAPES_CLASSES
+from t2s_jax import data, train
+from t2s_jax.classes import CITYSCAPES_CLASSES, generate_palette
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny  # noqa: E402
 
 # method.md section 1, typed again here so the test does not share the code's tables.
 GTA5_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
@@ -231,6 +236,8 @@ def test_prepared_data_reads_with_plain_tfds(gta5):
     builder = tfds.builder_from_directory(os.fspath(builders.prepared_dir("gta5", f"{root}/tfds")))
     assert builder.info.features["label"].shape == (None, None, 1)
     assert builder.info.metadata["class_names"][0] == "road"
+    assert builder.info.metadata["num_classes"] == 19
+    assert builder.info.metadata["palette"][13] == [0, 0, 142]  # Cityscapes' car
 
 
 def test_parallel_conversion_writes_the_same(gta5, tmp_path):
@@ -343,6 +350,8 @@ def test_image_folder_with_jpeg_and_own_classes(tmp_path):
     save_png(f"{root}/labels/val/b.png", np.ones((8, 8), np.uint8))
     metadata = prepare.prepare("image_folder/robots", f"{tmp_path}/tfds", root)
     assert metadata["class_names"] == ["background", "field", "robot"]
+    assert metadata["num_classes"] == 3
+    assert metadata["palette"] == [[128, 0, 0], [0, 128, 0], [128, 128, 0]]  # VOC colours 1, 2, 3
     examples, _ = read_split(f"{tmp_path}/tfds", "image_folder/robots", "train")
     expected_label = np.where(label == 7, 255, label)
     np.testing.assert_array_equal(examples["images/train/a.jpg"]["label"][..., 0], expected_label)
@@ -353,6 +362,38 @@ def test_image_folder_with_jpeg_and_own_classes(tmp_path):
         ["images/train/a.jpg", {"7": int((label == 7).sum())}]
     ]
     assert set(metadata["splits"]) == {"train", "validation"}
+
+
+def write_classes(root, text):
+    os.makedirs(root, exist_ok=True)
+    with open(f"{root}/classes.txt", "w") as f:
+        f.write(text)
+
+
+def test_classes_txt_colours_given_or_generated_distinct(tmp_path):
+    write_classes(tmp_path, "traffic light 250 170 30\nroad\n\ncar 0 0 142\nclass 7\n")
+    classes = builders.read_class_list(builders.epath.Path(tmp_path))
+    assert classes.names == ("traffic light", "road", "car", "class 7")
+    # Given colours kept; the others get the first VOC colours (1: 128 0 0, 2: 0 128 0).
+    assert classes.palette.dtype == np.uint8
+    assert classes.palette.tolist() == [[250, 170, 30], [128, 0, 0], [0, 0, 142], [0, 128, 0]]
+    write_classes(tmp_path, "a 128 0 0\nb\n")  # a given colour is not generated again
+    assert builders.read_class_list(builders.epath.Path(tmp_path)).palette.tolist() == [[128, 0, 0], [0, 128, 0]]
+    palette = generate_palette(254)
+    assert len({tuple(c) for c in palette}) == 254 and not (palette == 0).all(axis=1).any()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("car 0 0 300\n", "line 1: colour .*0, 0, 300.* not RGB 0..255"),
+        ("car\nbus\ncar 1 2 3\n", "'car' more than once"),
+    ],
+)
+def test_bad_classes_txt_names_the_line(tmp_path, text, expected):
+    write_classes(tmp_path, text)
+    with pytest.raises(builders.LayoutError, match=expected):
+        builders.read_class_list(builders.epath.Path(tmp_path))
 
 
 # ------------------------------------------------------------------------ wrong layouts fail at once
@@ -368,7 +409,7 @@ def test_image_folder_with_jpeg_and_own_classes(tmp_path):
         (
             "image_folder",
             ["images/train/a.png", "labels/train/a.png"],
-            "no classes.txt.*one class name per line",
+            "no classes.txt.*one class per line.*car 0 0 142",
         ),
     ],
 )
@@ -383,3 +424,83 @@ def test_wrong_layout_names_the_expected_one(tmp_path, dataset, make, expected):
 def test_missing_manual_dir_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--manual_dir is required"):
         prepare.prepare("gta5", f"{tmp_path}/tfds", None)
+
+
+# ------------------------------------------------------------------------ own classes end to end
+
+OWN_CLASSES = "floor 200 100 50\nwall\nrobot arm 10 220 30\ncable\nlamp 250 250 0\n"
+OWN_NAMES = ["floor", "wall", "robot arm", "cable", "lamp"]
+OWN_PALETTE = [(200, 100, 50), (128, 0, 0), (10, 220, 30), (0, 128, 0), (250, 250, 0)]
+
+
+def write_own_class_tree(root, hw=(64, 128)):
+    """A 5-class image folder in the documented layout: blocky labels, a colour per class."""
+    write_classes(root, OWN_CLASSES)
+    rng = np.random.default_rng(7)
+    labels_by_split = {}
+    for split, count in (("train", 4), ("val", 2)):
+        labels_by_split[split] = []
+        for i in range(count):
+            blocks = rng.integers(0, 5, (hw[0] // 16, hw[1] // 16))
+            label = np.kron(blocks, np.ones((16, 16), np.int64)).astype(np.uint8)
+            label[:4, :4] = 255
+            colours = np.array(OWN_PALETTE, np.uint8)[np.minimum(label, 4)] // 2
+            image = (colours + rng.integers(0, 60, (*hw, 3))).astype(np.uint8)
+            save_png(f"{root}/images/{split}/{i:03d}.png", image)
+            save_png(f"{root}/labels/{split}/{i:03d}.png", label)
+            labels_by_split[split].append(label)
+    return labels_by_split
+
+
+def test_own_classes_prepare_train_evaluate_report_and_draw(tmp_path):
+    labels = write_own_class_tree(f"{tmp_path}/lab")
+    data_dir = f"{tmp_path}/tfds"
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipelines.prepare", "--dataset=image_folder/lab",
+         f"--manual_dir={tmp_path}/lab", f"--data_dir={data_dir}", "--num_workers=0"],
+        cwd=tiny.REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "image_folder/lab [train]: 4 images written" in result.stdout
+
+    run = {"data.source": "image_folder/lab", "data.target": "image_folder/lab",
+           "data.eval_dataset": "image_folder/lab", "data.source_resize_hw": (64, 128),
+           "data.target_resize_hw": (64, 128), "model.num_classes": 5, "uda.fd_weight": 0.0,
+           "train.num_steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2}  # fmt: skip
+
+    # A wrong class count stops before any model is built, naming the dataset and the key.
+    wrong = tiny.tiny_config(data_dir, "t2s", **{**run, "model.num_classes": 19, "num_devices": 1})
+    with pytest.raises(ValueError, match=(
+        r"^config.model.num_classes=19 but config.data.source='image_folder/lab' has 5 classes; "
+        r"set --config.model.num_classes=5$"
+    )):  # fmt: skip
+        train.train_and_evaluate(wrong, f"{tmp_path}/wrong")
+    assert not os.path.exists(f"{tmp_path}/wrong/checkpoints")
+    with pytest.raises(ValueError, match=r"fd_classes=\(6, 7, .*outside the 5 classes.*fd_weight=0"):
+        data.check_classes(tiny.tiny_config(data_dir, "t2s", **{**run, "uda.fd_weight": 0.005}))
+
+    workdir = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=tiny.xla_flags(1))
+    result = subprocess.run(
+        [sys.executable, "-m", "t2s_jax.main", f"--workdir={workdir}", *tiny.as_flags(data_dir, "t2s", **run)],
+        cwd=tiny.REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert "robot arm" in result.stderr  # the logged IoU table
+
+    evaluation = json.loads((workdir / "eval" / "step_2.json").read_text())
+    assert evaluation["class_names"] == OWN_NAMES
+    assert len(evaluation["per_class_iou"]) == 5 and "miou16" not in evaluation
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    eval_record = next(r for r in records if "eval/miou" in r)
+    per_class = sorted(k for k in eval_record if k.startswith("eval_iou/"))
+    assert per_class == sorted(f"eval_iou/{name.replace(' ', '_')}" for name in OWN_NAMES)
+
+    # The first validation image (split order): ground truth drawn in the folder's palette.
+    picture = np.asarray(Image.open(workdir / "pictures" / "step_000002_00.png"))
+    assert picture.shape == (64, 3 * 128, 3)
+    palette = np.zeros((256, 3), np.uint8)
+    palette[:5] = OWN_PALETTE
+    np.testing.assert_array_equal(picture[:, 128:256], palette[labels["val"][0]])
+    prediction_colours = {tuple(c) for c in picture[:, 256:].reshape(-1, 3)}
+    assert prediction_colours <= set(OWN_PALETTE)

@@ -104,6 +104,13 @@ def test_summary_of_fewer_classes_has_no_synthia_subsets():
     assert "miou16" not in summary and "miou19" not in summary
 
 
+def test_only_the_cityscapes_class_list_gets_synthia_subsets():
+    own = tuple(f"part{c}" for c in range(K))  # 19 classes, but not Cityscapes'
+    summary = evaluate.summarize(np.eye(K, dtype=np.int64), own)
+    assert summary["class_names"] == list(own) and summary["miou"] == 1.0
+    assert "miou16" not in summary and "miou13" not in summary and "miou19" not in summary
+
+
 # ------------------------------------------------------------------ inference
 
 
@@ -347,3 +354,10 @@ def test_table_json_and_pictures(tmp_path):
     np.testing.assert_array_equal(picture[0, 6], CITYSCAPES_PALETTE[0])
     np.testing.assert_array_equal(picture[3, 6], (0, 0, 0))  # ignore is black
     np.testing.assert_array_equal(picture[2, 12], CITYSCAPES_PALETTE[13])
+
+    own_palette = np.array([(1, 2, 3)] * 13 + [(40, 50, 60)], np.uint8)  # a dataset's own colours
+    paths = evaluate.save_prediction_pictures(str(tmp_path / "own"), 100, *pictures, palette=own_palette)
+    picture = np.asarray(Image.open(paths[0]))
+    np.testing.assert_array_equal(picture[0, 6], (1, 2, 3))
+    np.testing.assert_array_equal(picture[3, 6], (0, 0, 0))
+    np.testing.assert_array_equal(picture[2, 12], (40, 50, 60))

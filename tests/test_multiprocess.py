@@ -1,7 +1,8 @@
 """Multi-process training on CPU: 2 processes x 2 devices = 1 process x 4 devices = 1 device.
 
-`tests/multiprocess_worker.py` runs the real state creation, jitted step and Orbax run
-checkpoints on identical global batches as 1 x 1, 1 x 4 and 2 x 2 (processes x devices).
+`tests/multiprocess_worker.py` runs the real input pipeline, state creation, jitted step and
+Orbax run checkpoints as 1 x 1, 1 x 4 and 2 x 2 (processes x devices): the pipeline's global
+batches must be bit-identical across the three.
 Checkpoints cross process counts both ways: the 2-process worker restores the 1-process
 checkpoint, and this single test process restores what the 2-process run wrote.
 """
@@ -44,11 +45,11 @@ def _env(devices_per_process: int, cache_dir: str) -> dict[str, str]:
     return env
 
 
-def _start_workers(workdir, num_processes, devices_per_process, cache_dir, restore_from=""):
+def _start_workers(workdir, num_processes, devices_per_process, cache_dir, data_dir, restore_from=""):
     port = _free_port()
     processes = []
     for process_id in range(num_processes):
-        command = [sys.executable, WORKER, f"--workdir={workdir}"]
+        command = [sys.executable, WORKER, f"--workdir={workdir}", f"--data_dir={data_dir}"]
         if num_processes > 1:
             command += [
                 f"--coordinator_address=127.0.0.1:{port}",
@@ -83,14 +84,17 @@ def runs(tmp_path_factory):
     cache_dir = str(root / "jax_cache")
     data_dir = str(root / "data")
     config = tiny.tiny_config(data_dir, "t2s", **worker.OVERRIDES)
-    # Generated once here, not by both processes of the main run at the same time.
+    # Generated once here, not by both processes of the 2-process run at the same time.
     for name in (config.data.source, config.data.target, config.data.eval_dataset):
         data.ensure_prepared(name, data_dir)
 
     dirs = {name: str(root / name) for name in ("w1x1", "w1x4", "w2x2")}
     # The two single-process workers take one core each, side by side.
-    _wait(_start_workers(dirs["w1x1"], 1, 1, cache_dir) + _start_workers(dirs["w1x4"], 1, 4, cache_dir))
-    _wait(_start_workers(dirs["w2x2"], 2, 2, cache_dir, restore_from=dirs["w1x4"]))
+    _wait(
+        _start_workers(dirs["w1x1"], 1, 1, cache_dir, data_dir)
+        + _start_workers(dirs["w1x4"], 1, 4, cache_dir, data_dir)
+    )
+    _wait(_start_workers(dirs["w2x2"], 2, 2, cache_dir, data_dir, restore_from=dirs["w1x4"]))
 
     return {"config": config, "dirs": dirs}
 
@@ -134,6 +138,24 @@ def _assert_same_params(params, reference, max_change, name, *, tolerance, max_s
     assert diffs.max() <= 2.5 * max_change, (name, float(diffs.max()), max_change)
     share = float(np.mean(diffs > tolerance * max_change))
     assert share < max_share, (name, share)
+
+
+def _batches(workdir) -> dict[str, np.ndarray]:
+    with np.load(os.path.join(workdir, "batches.npz")) as batches:
+        return dict(batches)
+
+
+def test_the_pipeline_feeds_the_same_global_batches_on_any_topology(runs):
+    dirs = runs["dirs"]
+    reference = _batches(dirs["w1x1"])
+    assert len(reference) == 4 * worker.NUM_STEPS  # source/target image/label per step
+    assert reference["0/source_image"].shape == (worker.GLOBAL_BATCH, 64, 64, 3)
+    assert not np.array_equal(reference["0/source_image"], reference["1/source_image"])
+    for name in ("w1x4", "w2x2"):
+        batches = _batches(dirs[name])
+        assert batches.keys() == reference.keys()
+        for key, value in reference.items():
+            np.testing.assert_array_equal(batches[key], value, err_msg=f"{name} {key}")
 
 
 def test_two_processes_equal_one_process_and_one_device(runs):

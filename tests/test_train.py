@@ -76,7 +76,8 @@ def test_eval_batch_of_one_works_on_any_mesh_and_scores_the_same(tmp_path):
     for num_devices in (1, 2, 8):
         mesh = parallel.make_mesh(num_devices)
         variables = jax.device_put((host_params, host_stats), parallel.replicated(mesh))
-        summaries[num_devices] = train._eval_setup(config, graphdef, mesh)(*variables)
+        classes = data.check_classes(config, training=False)
+        summaries[num_devices] = train._eval_setup(config, graphdef, mesh, classes)(*variables)
     for num_devices in (2, 8):
         assert summaries[num_devices]["num_examples"] == config.data.max_eval_examples
         assert summaries[num_devices]["num_pixels"] == summaries[1]["num_pixels"] > 0

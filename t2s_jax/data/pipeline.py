@@ -1,13 +1,16 @@
 """The grain input pipeline: paired source/target training batches and evaluation batches.
 
-Training, per domain: a `MapDataset` of example indices, shuffled (a new permutation
-every epoch), sliced to this process's shard and repeated forever; or, for the source with rare
-class sampling, an endless stream of (class, file) draws over the whole set. A random map
-reads each example and applies the host transforms (resize to fit, crop, flip). The
-domains are zipped, batched, and read with threads, optionally in worker processes.
-Every random choice comes from grain's per-element generator, seeded from (seed,
-process, domain), so batches are a pure function of the seed and the position: the
-iterator state is that position, and `set_state` resumes at exactly the next batch.
+Training: one GLOBAL stream of examples per domain, the same on any number of processes.
+Per domain, a `MapDataset` of example indices, shuffled with a new permutation every epoch
+and repeated forever (or, for the source with rare class sampling, an endless stream of
+(class, file) draws over the whole set); a random map reads each example and applies the
+host transforms (resize to fit, crop, flip) with the generator grain derives from (seed,
+domain, global element index). The domains are zipped and cut into blocks of b =
+batch_size / process_count elements; global batch k is blocks k*P .. k*P + P - 1, and
+process p reads only block k*P + p: global examples [p*b, (p+1)*b) of each batch, the
+contiguous rows `jax.make_array_from_process_local_data` places on its devices. So a global
+batch is a function of the seed and the step alone, the iterator state is the position,
+and `set_state` resumes at exactly the next batch.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ _READ_THREADS = 2
 _PREFETCH_BATCHES = 4
 
 
-def _stream_seed(seed: int, process_index: int, stream: int) -> int:
-    """A 32-bit seed per (run seed, process, stream): processes draw independent crops."""
-    return int(np.random.SeedSequence([seed, process_index, stream]).generate_state(1)[0])
+def _stream_seed(seed: int, stream: int, use: int) -> int:
+    """A 32-bit seed per (run seed, domain stream, use): 0 shuffles, 1 draws the transforms.
+    No process index: every process derives the same global stream."""
+    return int(np.random.SeedSequence([seed, stream, use]).generate_state(1)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +72,14 @@ class _TrainTransform:
         return {"image": image, "label": label}
 
 
-def _domain_dataset(
-    transform: _TrainTransform, *, seed: int, stream: int, process_index: int, process_count: int
-) -> grain.MapDataset:
+def _domain_dataset(transform: _TrainTransform, *, seed: int, stream: int) -> grain.MapDataset:
+    """The global, endless stream of one domain's transformed examples."""
     positions = grain.MapDataset.range(len(transform.split))
     if transform.rare_classes is None:
-        # One permutation per epoch, shared by the processes, each taking every n-th entry:
-        # disjoint shards that together cover the split once per epoch.
-        positions = positions.shuffle(seed=_stream_seed(seed, 0, stream))
-    positions = positions[process_index::process_count].repeat()
-    return positions.random_map(transform, seed=_stream_seed(seed, process_index + 1, stream))
+        # Repeat after shuffle: grain's shuffle seeds epoch e with seed + e, a new permutation.
+        positions = positions.shuffle(seed=_stream_seed(seed, stream, 0))
+    # The element index (global position) seeds each element's generator.
+    return positions.repeat().random_map(transform, seed=_stream_seed(seed, stream, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +109,9 @@ def make_train_dataset(
     data_config: ml_collections.ConfigDict, *, seed: int, process_index: int, process_count: int
 ) -> grain.IterDataset:
     """Batches of this process: source_image (b, h, w, 3) uint8, source_label (b, h, w)
-    uint8 and, with a target, target_image / target_label; b = batch_size // process_count."""
+    uint8 and, with a target, target_image / target_label; b = batch_size // process_count.
+    Batch k of process p is rows [p*b, (p+1)*b) of global batch k, which does not depend
+    on process_count."""
     batch = _per_process(data_config.batch_size, process_count, "batch_size")
     crop_hw = tuple(data_config.crop_hw)
     source = open_split(data_config.source, data_config.source_split, data_config.data_dir)
@@ -127,8 +131,7 @@ def make_train_dataset(
         rare_classes=rare_classes,
         min_crop_pixels=data_config.rcs.min_crop_pixels,
     )
-    shard = dict(seed=seed, process_index=process_index, process_count=process_count)
-    domains = {"source": _domain_dataset(transform, stream=0, **shard)}
+    domains = {"source": _domain_dataset(transform, seed=seed, stream=0)}
     if data_config.target:
         target = open_split(data_config.target, data_config.target_split, data_config.data_dir)
         transform = _TrainTransform(
@@ -139,9 +142,11 @@ def make_train_dataset(
             retries=data_config.crop_retries,
             flip_prob=data_config.flip_prob,
         )
-        domains["target"] = _domain_dataset(transform, stream=1, **shard)
+        domains["target"] = _domain_dataset(transform, seed=seed, stream=1)
     paired = grain.experimental.ZipMapDataset(list(domains.values())).map(_NameDomains(tuple(domains)))
-    return _read(paired.batch(batch, drop_remainder=True), data_config.num_workers)
+    # Lazy: slicing the blocks means this process reads and transforms only its own examples.
+    blocks = paired.batch(batch, drop_remainder=True)[process_index::process_count]
+    return _read(blocks, data_config.num_workers)
 
 
 def make_train_iterator(
@@ -162,16 +167,20 @@ def num_eval_examples(data_config: ml_collections.ConfigDict) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _EvalLoad:
-    """Slot j of this process -> example process_index + j * process_count, or padding."""
+    """Slot j of this process -> global position (j // b) * b * P + p * b + j % b: batch
+    j // b of this process is rows [p*b, (p+1)*b) of the global batch, which holds the
+    examples in split order. Positions past the last example are padding."""
 
     split: Split
     num_examples: int
     process_index: int
     process_count: int
+    batch: int  # b, examples per process per batch
     resize_hw: tuple[int, int]
 
     def __call__(self, slot: int) -> dict[str, np.ndarray]:
-        index = self.process_index + slot * self.process_count
+        batch_index, row = divmod(slot, self.batch)
+        index = (batch_index * self.process_count + self.process_index) * self.batch + row
         valid = index < self.num_examples
         example = self.split.source[index if valid else index % self.num_examples]
         image, label = example["image"], example["label"][..., 0]
@@ -186,13 +195,14 @@ def make_eval_iterator(
 ) -> grain.DatasetIterator:
     """Evaluation batches of this process: image (b, h, w, 3) uint8 fit to eval_resize_hw,
     label (b, H, W) uint8 at full resolution, valid (b,) bool; b = max(eval_batch_size //
-    process_count, 1). Each image appears exactly once over all processes, and every
-    process yields the same number of batches (padded with valid=False)."""
+    process_count, 1). Global batch t (the processes' batches t stacked in process order)
+    holds examples [t*B, (t+1)*B) in split order, B = b * process_count; each image
+    appears exactly once, and every process yields the same number of batches (the last
+    padded with valid=False)."""
     split = open_split(data_config.eval_dataset, data_config.eval_split, data_config.data_dir)
     total = num_eval_examples(data_config)
     batch = max(data_config.eval_batch_size // process_count, 1)
-    per_process = -(-total // process_count)
-    num_batches = -(-per_process // batch)
-    load = _EvalLoad(split, total, process_index, process_count, tuple(data_config.eval_resize_hw))
+    num_batches = -(-total // (batch * process_count))
+    load = _EvalLoad(split, total, process_index, process_count, batch, tuple(data_config.eval_resize_hw))
     slots = grain.MapDataset.range(num_batches * batch).map(load).batch(batch)
     return iter(_read(slots, num_workers=0))

@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import builders
+from t2s_jax.classes import CITYSCAPES, ClassList, generate_palette
 
 # Split names accepted for one another ('val' is the folder name, 'validation' the TFDS one).
 _SPLIT_ALIASES = {"val": "validation", "validation": "val"}
@@ -88,6 +90,49 @@ def open_split(name: str, split: str, data_dir: str) -> Split:
 def class_names(name: str, data_dir: str) -> tuple[str, ...]:
     """Class names of a prepared dataset, in train-id order."""
     return tuple(_builder(name, data_dir).info.metadata["class_names"])
+
+
+def class_list(name: str, data_dir: str) -> ClassList:
+    """Names and palette of a prepared dataset. Datasets prepared before palettes were
+    stored get Cityscapes' for the Cityscapes classes, generated colours otherwise."""
+    metadata = _builder(name, data_dir).info.metadata
+    names = tuple(metadata["class_names"])
+    if "palette" in metadata:
+        return ClassList(names, np.asarray(metadata["palette"], np.uint8).reshape(len(names), 3))
+    return CITYSCAPES if names == CITYSCAPES.names else ClassList(names, generate_palette(len(names)))
+
+
+def check_classes(config: ml_collections.ConfigDict, *, training: bool = True) -> ClassList:
+    """The class list a run evaluates, reports and draws with: the eval dataset's.
+
+    Raises ValueError (one line: the dataset, its class count, the key to set) when
+    `config.model.num_classes` differs from the class count of the eval dataset or, when
+    `training`, of the source or target; and when `config.uda.fd_classes` (used with
+    `uda.fd_weight > 0`) holds ids outside the classes. Call it before building anything.
+    """
+    num_classes, data_config = config.model.num_classes, config.data
+    roles = {"eval_dataset": data_config.eval_dataset}
+    if training:
+        roles = {"source": data_config.source, "target": data_config.target, **roles}
+    lists = {}
+    for role, name in roles.items():
+        if not name:
+            continue
+        lists[role] = class_list(name, data_config.data_dir)
+        count = len(lists[role].names)
+        if count != num_classes:
+            raise ValueError(
+                f"config.model.num_classes={num_classes} but config.data.{role}={name!r} has {count} "
+                f"classes; set --config.model.num_classes={count}"
+            )
+    fd_classes = tuple(config.uda.fd_classes)
+    if training and config.uda.fd_weight > 0 and any(not 0 <= c < num_classes for c in fd_classes):
+        raise ValueError(
+            f"config.uda.fd_classes={fd_classes} has ids outside the {num_classes} classes of "
+            f"config.data.source={data_config.source!r}; set --config.uda.fd_classes to its thing-class ids "
+            f"or --config.uda.fd_weight=0"
+        )
+    return lists["eval_dataset"]
 
 
 def num_examples(name: str, split: str, data_dir: str) -> int:
