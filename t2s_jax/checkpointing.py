@@ -478,13 +478,13 @@ def _call_orbax(fn, *args, **kwargs) -> tuple[Any, str | None]:
     logging of the failure and the complaints of its abandoned reads are kept quiet."""
     logger, drop = logging.getLogger("absl"), _DropOrbaxWarnings()
     logger.addFilter(drop)
+    _drop_orbax_leftovers()  # before the call: a failing write's leftovers complain during it
     try:
         try:
             return fn(*args, **kwargs), None
         except Exception as error:  # noqa: BLE001  (OSError, or Orbax/TensorStore/json wrapping it)
             logging.debug("orbax call failed", exc_info=True)
             cause = _innermost_message(error)
-        _drop_orbax_leftovers()
         gc.collect()  # the abandoned coroutines go now, not in the middle of a later step
         return None, cause
     finally:

@@ -39,14 +39,26 @@ _USAGE_ERROR = 2
 
 
 class _QuietLibraries(logging.Filter):
-    """Keeps INFO chatter of checkpointing and dataset libraries out of the progress log."""
+    """Keeps INFO chatter of checkpointing and dataset libraries out of the progress log, and
+    asyncio's reports of Orbax writes that failed (one traceback per array: thousands of
+    lines for a full disk), which the checkpointer reports in one line."""
 
     _NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/absl/")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio" and record.exc_info and _through_orbax(record.exc_info[2]):
+            return False
         return record.levelno >= logging.WARNING or not any(
             part in record.pathname for part in self._NOISY
         )
+
+
+def _through_orbax(traceback) -> bool:
+    while traceback is not None:
+        if "/orbax/" in traceback.tb_frame.f_code.co_filename:
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def _fail(message: str, exit_code: int) -> None:
@@ -127,9 +139,9 @@ def _workdir_problem(workdir: str, mode: str) -> str | None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        return f"--workdir={workdir} cannot be created: {existing} is a file; choose another --workdir"
+        return f"cannot create --workdir={workdir}: {existing} is a file; choose another --workdir"
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"--workdir={workdir} cannot be created: {existing} is not writable; choose another --workdir"
+        return f"cannot create --workdir={workdir}: {existing} is not writable; choose another --workdir"
     return None
 
 

@@ -352,6 +352,34 @@ def _saved_evaluation(workdir: str, step: int) -> dict | None:
 # ---------------------------------------------------------------------------- the loop
 
 
+class _TrainMetrics:
+    """The step metrics, summed on the device; the host reads them (one transfer) only at
+    logging and checkpoint steps, and logs their mean since the last log."""
+
+    def __init__(self, writer: reporting.MetricWriter, num_steps: int, start_step: int):
+        self._writer, self._num_steps, self._start_step = writer, num_steps, start_step
+        self._sums, self._count = None, 0
+        self._timer_step, self._timer_start = start_step, time.perf_counter()
+
+    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        self._sums = metrics if self._sums is None else jax.tree.map(jnp.add, self._sums, metrics)
+        self._count += 1
+        if step == self._start_step + 1:
+            logging.info("first step done (compile + run) in %.1f s", time.perf_counter() - self._timer_start)
+            self._timer_step, self._timer_start = step, time.perf_counter()
+
+    def read(self) -> dict[str, float]:
+        return {k: float(v) / self._count for k, v in parallel.to_host(self._sums).items()}
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        elapsed = time.perf_counter() - self._timer_start
+        steps_per_sec = (step - self._timer_step) / elapsed if step > self._timer_step else 0.0
+        self._writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+        logging.info(reporting.format_progress(step, self._num_steps, steps_per_sec, scalars))
+        self._sums, self._count = None, 0
+        self._timer_step, self._timer_start = step, time.perf_counter()
+
+
 def _nonfinite_names(scalars: dict[str, float]) -> list[str]:
     return sorted(name for name, value in scalars.items() if not math.isfinite(value))
 
@@ -425,36 +453,25 @@ def _train(config, workdir, mesh, class_list, checkpointer, stop: _StopSignals) 
     batches = BatchFeeder(train_iterator, mesh, config.data.prefetch)
     last_summary: dict = {}
     status, done_step = "", start_step
-    metric_sums, metric_count = None, 0
-    timer_step, timer_start = start_step, time.perf_counter()
     try:
         if start_step and is_eval_step(start_step) and _saved_evaluation(workdir, start_step) is None:
             logging.info("step %d was saved but its evaluation did not finish: evaluating it", start_step)
             last_summary = evaluate_step(start_step)
+        train_metrics = _TrainMetrics(writer, num_steps, start_step)
         for step in range(start_step + 1, num_steps + 1):
             state, metrics = train_step(state, batches.next(), imagenet_params)
             done_step = step
             if step < num_steps:
                 batches.place_next()  # overlaps the step just dispatched
-            # Sum on device; the host reads metrics only at logging and checkpoint steps.
-            metric_sums = metrics if metric_sums is None else jax.tree.map(jnp.add, metric_sums, metrics)
-            metric_count += 1
-            if step == start_step + 1:
-                logging.info("first step done (compile + run) in %.1f s", time.perf_counter() - timer_start)
-                timer_step, timer_start = step, time.perf_counter()
+            train_metrics.add(step, metrics)
             stopping = stop.reached()
             log_now = step % train_config.log_every == 0 or step == num_steps or stopping
             save_now = step % train_config.checkpoint_every == 0 or is_eval_step(step) or stopping
             if log_now or save_now:
-                scalars = {k: float(v) / metric_count for k, v in parallel.to_host(metric_sums).items()}
+                scalars = train_metrics.read()
                 bad = _nonfinite_names(scalars)
                 if log_now or bad:  # a NaN is always logged, so the report shows it
-                    elapsed = time.perf_counter() - timer_start
-                    steps_per_sec = (step - timer_step) / elapsed if step > timer_step else 0.0
-                    writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-                    logging.info(reporting.format_progress(step, num_steps, steps_per_sec, scalars))
-                    metric_sums, metric_count = None, 0
-                    timer_step, timer_start = step, time.perf_counter()
+                    train_metrics.log(step, scalars)
                 if bad:
                     last_good = checkpointer.latest_step()
                     kept = f"the last good checkpoint is step {last_good}" if last_good else "no checkpoint was saved"

@@ -11,6 +11,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -53,11 +54,11 @@ def _flags(session_dirs, method="source_only", **overrides):
     return tiny.as_flags(session_dirs["data"], method, **{**SMALL_DATA, **overrides})
 
 
-def _start(session_dirs, workdir, *extra, devices=1, method="source_only", overrides=None, preexec_fn=None):
+def _start(session_dirs, workdir, *extra, devices=1, method="source_only", overrides=None, env=None, preexec_fn=None):
     command = [sys.executable, "-m", "t2s_jax.main", f"--workdir={workdir}",
                *_flags(session_dirs, method, **(overrides or {})), *extra]  # fmt: skip
     return subprocess.Popen(
-        command, cwd=tiny.REPO, env=_env(session_dirs, devices), stdout=subprocess.PIPE,
+        command, cwd=tiny.REPO, env={**_env(session_dirs, devices), **(env or {})}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn,
     )  # fmt: skip
 
@@ -121,7 +122,7 @@ def test_command_mistakes_are_one_line_and_create_nothing(session_dirs, tmp_path
         "missing config": ([f"--config={tmp_path}/nope.py"], tmp_path / "w3", f"config file {tmp_path}/nope.py (--config) does not exist"),
         "unknown method": (["--config.method=t2ss"], tmp_path / "w4", "config.method: unknown method 't2ss'; expected one of source_only,"),
         "workdir is a file": ([], a_file, f"--workdir={a_file} is a file, not a directory"),
-        "workdir under a file": ([], a_file / "run", f"--workdir={a_file}/run cannot be created: {a_file} is a file"),
+        "workdir under a file": ([], a_file / "run", f"cannot create --workdir={a_file}/run: {a_file} is a file"),
         "unwritable workdir": ([], "/sys/t2s_faults_test/run", "cannot create --workdir=/sys/t2s_faults_test/run"),
         "eval of a missing workdir": (["--mode=eval"], tmp_path / "w5", f"--workdir={tmp_path}/w5 does not exist"),
     }  # fmt: skip
@@ -169,8 +170,10 @@ def _file_size_limit(limit_bytes):
 
 def test_a_failed_save_stops_the_run_at_once_in_one_line(session_dirs):
     workdir = str(session_dirs["root"] / "disk_full")
-    # Files over 200 kB cannot be written: the first checkpoint's arrays, not the logs.
-    returncode, output = _run(session_dirs, workdir, preexec_fn=_file_size_limit(200_000))
+    # Files over 200 kB cannot be written: the first checkpoint's arrays, not the logs. The
+    # compilation cache must not be written either: it would keep entries cut short.
+    no_cache_writes = {"JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": str(10**12)}
+    returncode, output = _run(session_dirs, workdir, env=no_cache_writes, preexec_fn=_file_size_limit(200_000))
     assert returncode == 1, output[-3000:]
     assert "Traceback" not in output, output[-5000:]
     (line,) = _error_lines(output)
@@ -180,32 +183,46 @@ def test_a_failed_save_stops_the_run_at_once_in_one_line(session_dirs):
     assert not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))
 
 
-def test_kill_9_mid_save_and_mid_step_then_resume_logs_every_step_once(session_dirs, comparison):
-    """Seed 1 of the comparison fixture is the same run uninterrupted: same losses, bit for bit."""
+def _kill_when(process, ready, lines):
+    """SIGKILLs `process` as soon as `ready(lines)` holds, reading its output meanwhile."""
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ready(lines) and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    process.kill()
+    process.wait(timeout=TIMEOUT_S)
+    reader.join(timeout=TIMEOUT_S)
+    return "".join(lines)
+
+
+def test_an_evaluation_error_and_kills_mid_step_and_mid_save_lose_nothing(session_dirs, comparison):
+    """An evaluation that raises, then kill -9 after a step and during a save: every rerun
+    resumes from the newest good checkpoint and the run ends with every step logged once,
+    with the losses of the same run uninterrupted (the comparison's seed 1), bit for bit."""
     workdir = str(session_dirs["root"] / "killed")
     overrides = {"seed": 1}
-    # Mid-save: killed as soon as the first checkpoint's temporary folder appears.
-    process = _start(session_dirs, workdir, overrides=overrides)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not glob.glob(os.path.join(workdir, "checkpoints", "*")) and process.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    process.kill()
-    process.communicate(timeout=TIMEOUT_S)
-    # Mid-step: killed right after step 3 is logged (step 2 is saved and evaluated).
-    process, lines = _start(session_dirs, workdir, overrides=overrides), []
-    assert _read_until(process, "step 3/4", lines), "".join(lines)[-3000:]
-    process.kill()
-    process.communicate(timeout=TIMEOUT_S)
-    assert _checkpoint_steps(workdir)[-1] == 2
+    # The first evaluation (step 2) raises: its checkpoint is saved all the same.
+    returncode, output = _run(session_dirs, workdir, overrides={**overrides, "eval.mode": "bogus"})
+    assert returncode == 1 and "unknown inference mode 'bogus'" in output, output[-3000:]
+    assert _checkpoint_steps(workdir) == [2] and not os.path.exists(os.path.join(workdir, "eval", "step_2.json"))
+    # Resumed at step 2, which it evaluates first; killed right after step 3 is logged.
+    output = _kill_when(_start(session_dirs, workdir, overrides=overrides), lambda lines: any("step 3/4" in l for l in lines), [])
+    assert "resumed at step 2" in output and "its evaluation did not finish: evaluating it" in output, output[-3000:]
+    # Killed while step 4 is being saved (after its records were flushed).
+    saving = os.path.join(workdir, "checkpoints", "4.orbax-checkpoint-tmp")
+    output = _kill_when(_start(session_dirs, workdir, overrides=overrides), lambda _: glob.glob(saving + "*"), [])
+    assert "resumed at step 2" in output and _checkpoint_steps(workdir) == [2], output[-3000:]
+    assert {r["step"] for r in _records(workdir)} >= {3, 4}  # flushed before the save began
 
     returncode, output = _run(session_dirs, workdir, overrides=overrides)
     assert returncode == 0, output[-3000:]
     assert "resumed at step 2" in output
     reference = comparison["dirs"]["seed_1"]
     assert _losses(workdir) == _losses(reference)  # each step once, the same values
-    evals = [r["step"] for r in _records(workdir) if "eval/miou" in r]
-    assert evals == [2, 4]
+    evaluations = [(r["step"], r["eval/miou"]) for r in _records(workdir) if "eval/miou" in r]
+    assert evaluations == [(r["step"], r["eval/miou"]) for r in _records(reference) if "eval/miou" in r]
 
 
 # ---------------------------------------------------------------------------- a comparison

@@ -68,7 +68,8 @@ def test_t2s_step_on_8_devices_equals_1_device_and_compiles_once(tmp_path):
 
 def test_eval_batch_of_one_works_on_any_mesh_and_scores_the_same(tmp_path):
     """The default eval_batch_size=1 on 8 devices, and num_devices=2 of 8: padded to the mesh."""
-    config = tiny.tiny_config(str(tmp_path / "data"), "source_only", **{"data.eval_batch_size": 1})
+    config = tiny.tiny_config(str(tmp_path / "data"), "source_only", **{
+        "data.eval_batch_size": 1, "data.eval_dataset": "synthetic_city/target_64x128"})
     data.ensure_prepared(config.data.eval_dataset, config.data.data_dir)
     graphdef, params, batch_stats = train.create_model_state(config, parallel.make_mesh(1))
     host_params, host_stats = jax.device_get((params, batch_stats))
