@@ -4,22 +4,51 @@
 #   launch/local_multiprocess.sh NUM_PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [--config.x=y ...]
 # Example (the demo, 2 processes x 2 devices):
 #   launch/local_multiprocess.sh 2 2 configs/synthetic_demo.py runs/demo_2proc --config.data.batch_size=4
-set -euo pipefail
+# Output lines carry "[process i]". SIGTERM / SIGINT to this script reach every process (they
+# checkpoint the same step and stop). When one process fails, the others are stopped (TERM, then
+# KILL after GRACE_S seconds) rather than left waiting in a collective. Exit status: the first
+# non-zero one of the processes, else 0.
+set -uo pipefail
 num_processes=${1:?number of processes}
 devices_per_process=${2:?devices per process}
 config=${3:?config file}
 workdir=${4:?workdir}
 shift 4
 port=${PORT:-$((20000 + RANDOM % 20000))}
+grace_s=${GRACE_S:-30}
+
 pids=()
 for ((i = 0; i < num_processes; i++)); do
   JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} \
   XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices_per_process}" \
   python -m t2s_jax.main --config="$config" --workdir="$workdir" \
     --coordinator_address="127.0.0.1:${port}" --num_processes="$num_processes" --process_id="$i" \
-    "$@" > >(sed "s/^/[process $i] /") 2>&1 &
+    "$@" > >(sed -u "s/^/[process $i] /") 2>&1 &
   pids+=($!)
 done
+
+signal_all() { kill "-$1" "${pids[@]}" 2>/dev/null; }
+trap 'signal_all TERM' TERM
+trap 'signal_all INT' INT
+
+killer=""
+declare -A running
+for pid in "${pids[@]}"; do running[$pid]=1; done
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+while ((${#running[@]})); do
+  finished=""
+  wait -n -p finished "${!running[@]}"
+  code=$?
+  [[ -z $finished ]] && continue # woken by a trapped signal: keep waiting
+  unset "running[$finished]"
+  if ((code != 0 && status == 0)); then
+    status=$code
+    echo "[launcher] process pid $finished exited with status $code; stopping the others" >&2
+    signal_all TERM
+    (sleep "$grace_s" && signal_all KILL) &
+    killer=$!
+  fi
+done
+[[ -n $killer ]] && kill "$killer" 2>/dev/null
+wait # the output prefixers
 exit $status

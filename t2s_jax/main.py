@@ -1,19 +1,24 @@
 """Entry point: `python -m t2s_jax.main --config=configs/gta_cs_daformer.py --workdir=runs/x`.
 
-Overrides go after the config: `--config.train.num_steps=100`. Configs are locked, so a
-misspelt key fails with the list of valid keys.
+Overrides go after the config: `--config.train.num_steps=100`. Mistakes in the command (a
+missing config file, a misspelt key, an unknown method, a workdir that cannot be used) are
+reported in one line before anything is imported or built; so are the failures of a run
+(non-finite losses, a failed save, a busy workdir). Exit status: 0 done, 1 the run failed,
+2 the command is wrong, 128 + N stopped by signal N after a checkpoint (rerun to resume).
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import logging
 import os
+import re
+import sys
 
-import jax
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
-
-from t2s_jax import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, evaluations.")
@@ -38,16 +43,125 @@ _COMPILATION_CACHE = flags.DEFINE_bool(
 
 flags.mark_flags_as_required(["config", "workdir"])
 
+_USAGE_ERROR = 2
+
 
 class _QuietLibraries(logging.Filter):
-    """Keeps INFO chatter of checkpointing and dataset libraries out of the progress log."""
+    """Keeps INFO chatter of checkpointing and dataset libraries out of the progress log, and
+    asyncio's reports of Orbax writes that failed (one traceback per array: thousands of
+    lines for a full disk), which the checkpointer reports in one line."""
 
     _NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/absl/")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio" and record.exc_info and _through_orbax(record.exc_info[2]):
+            return False
         return record.levelno >= logging.WARNING or not any(
             part in record.pathname for part in self._NOISY
         )
+
+
+def _through_orbax(traceback) -> bool:
+    while traceback is not None:
+        if "/orbax/" in traceback.tb_frame.f_code.co_filename:
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
+def _fail(message: str, exit_code: int) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(exit_code)
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The last value of --name=V or --name V in argv."""
+    value = None
+    for index, arg in enumerate(argv):
+        if re.fullmatch(rf"--?{name}=.*", arg):
+            value = arg.split("=", 1)[1]
+        elif re.fullmatch(rf"--?{name}", arg) and index + 1 < len(argv):
+            value = argv[index + 1]
+    return value
+
+
+def _load_config_file(spec: str) -> ml_collections.ConfigDict:
+    path, _, argument = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("t2s_run_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(argument) if argument else module.get_config()
+
+
+def _unknown_key(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+    """Why `config.<dotted>` names no field (with the valid keys of its section), or None."""
+    node, walked = config, "config"
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return None  # a leaf's inside (a dataclass, a tuple index): ml_collections decides
+        if part not in node:
+            valid = sorted(node.keys())
+            close = difflib.get_close_matches(part, valid, n=1)
+            hint = f" (did you mean {walked}.{close[0]}?)" if close else ""
+            return f"unknown key {walked}.{part}{hint}; valid keys of {walked}: {', '.join(valid)}"
+        node, walked = node[part], f"{walked}.{part}"
+    return None
+
+
+def _config_problem(argv: list[str]) -> str | None:
+    """One line on a --config file or --config.* override that cannot work, or None."""
+    spec = _flag_value(argv, "config")
+    if spec is None:
+        return None  # absl reports the missing required flag
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        return f"config file {path} (--config) does not exist; the benchmark configs are in configs/, e.g. --config=configs/synthetic_demo.py"
+    config = _load_config_file(spec)
+    for arg in argv:
+        if match := re.fullmatch(r"--?(?:no)?config\.([\w.]+)(?:\[.*)?(?:=.*)?", arg):
+            if problem := _unknown_key(config, match.group(1)):
+                return problem
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    if problem := _config_problem(argv[1:]):
+        _fail(problem, _USAGE_ERROR)
+    return app.parse_flags_with_usage(argv)
+
+
+def _workdir_problem(workdir: str, mode: str) -> str | None:
+    """Why `workdir` cannot serve `mode`, without creating anything; or None."""
+    if not workdir:
+        return "--workdir is empty; pass the run directory, e.g. --workdir=runs/my_run"
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        return f"--workdir={workdir} is a file, not a directory; choose another --workdir"
+    if mode == "eval":
+        if not os.path.isdir(workdir) and not _PRETRAINED.value:
+            return f"--workdir={workdir} does not exist; pass the folder of a training run"
+        return None
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"cannot create --workdir={workdir}: {existing} is a file; choose another --workdir"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot create --workdir={workdir}: {existing} is not writable; choose another --workdir"
+    return None
+
+
+def _method_problem(config: ml_collections.ConfigDict, methods: tuple[str, ...]) -> str | None:
+    method = [] if config.get("terms") else [config.method]  # explicit terms name no preset
+    for key, names in (("method", method), ("compare_methods", list(config.get("compare_methods") or ()))):
+        unknown = [name for name in names if name not in methods]
+        if unknown:
+            return f"config.{key}: unknown method {unknown[0]!r}; expected one of {', '.join(methods)}"
+    return None
+
+
 
 
 def enable_compilation_cache(workdir: str) -> str:
@@ -57,6 +171,8 @@ def enable_compilation_cache(workdir: str) -> str:
     the run's own `<workdir>/jax_cache`. The cache key covers the program, the devices, the
     compiler options and the jax version, so a stale entry is never used.
     """
+    import jax  # here: the command is checked before jax is imported
+
     cache_dir = jax.config.jax_compilation_cache_dir or os.path.join(workdir, "jax_cache")
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     # Executables compiled in under a second (eager ops, tiny jits) cost more to read than to
@@ -66,22 +182,44 @@ def enable_compilation_cache(workdir: str) -> str:
     return cache_dir
 
 
+# ---------------------------------------------------------------------------- main
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if problem := _workdir_problem(_WORKDIR.value, _MODE.value):
+        _fail(problem, _USAGE_ERROR)
+    # Imported here, after the command is known to be sound: jax, flax and orbax take seconds.
+    from t2s_jax import checkpointing, methods, parallel, train, workdir_lock
+
+    if problem := _method_problem(config, tuple(methods.PRESETS)):
+        _fail(problem, _USAGE_ERROR)
+    if _MODE.value == "train":
+        try:
+            train.prepare_workdir(_WORKDIR.value)
+        except train.RunError as error:
+            _fail(str(error), _USAGE_ERROR)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietLibraries())
     if _COMPILATION_CACHE.value:
         logging.info("compilation cache: %s", enable_compilation_cache(_WORKDIR.value))
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = _CONFIG.value
-    if _MODE.value == "eval":
-        train.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value, pretrained=_PRETRAINED.value)
-    elif config.get("compare_methods"):
-        train.train_methods(config, _WORKDIR.value)
-    else:
-        train.train_and_evaluate(config, _WORKDIR.value)
+    try:
+        if _MODE.value == "eval" and _PRETRAINED.value:
+            train.evaluate_checkpoint(config, _WORKDIR.value, pretrained=_PRETRAINED.value)
+        elif _MODE.value == "eval":
+            train.evaluate_workdir(config, _WORKDIR.value, step=_STEP.value)
+        elif config.get("compare_methods"):
+            train.train_methods(config, _WORKDIR.value)
+        else:
+            train.train_and_evaluate(config, _WORKDIR.value)
+    except train.RunError as error:
+        _fail(str(error), error.exit_code)
+    except (checkpointing.CheckpointError, workdir_lock.WorkdirBusyError) as error:
+        _fail(str(error), 1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -59,21 +59,60 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
         logging.info("Single process: jax.distributed not initialised.")
         return
     logging.info(
-        "jax.distributed initialised by %s: process %d of %d, %d local / %d global devices.",
-        how, jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+        "jax.distributed initialised by %s: process %d of %d (pid %d), %d local / %d global devices.",
+        how, jax.process_index(), jax.process_count(), os.getpid(), jax.local_device_count(), jax.device_count(),
     )  # fmt: skip
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-    """A 1-D mesh, axis 'data', over the first `num_devices` devices (0: all, of all processes)."""
+    """A 1-D mesh, axis 'data', over `num_devices` devices (0: all devices of all processes).
+
+    Fewer devices than exist are taken evenly from every process (the first
+    `num_devices / process_count` local devices of each), so every process feeds an
+    equal share of each batch.
+    """
     num_devices = num_devices or jax.device_count()
+    processes = jax.process_count()
     if num_devices > jax.device_count():
-        raise ValueError(f"num_devices={num_devices} but only {jax.device_count()} devices exist")
+        raise ValueError(
+            f"config.num_devices={num_devices} but only {jax.device_count()} devices exist; "
+            f"set it to at most {jax.device_count()} (0 = all)"
+        )
+    if num_devices % processes:
+        raise ValueError(
+            f"config.num_devices={num_devices} is not divisible by the {processes} processes; "
+            f"set it to a multiple of {processes} (0 = all devices)"
+        )
+    per_process = num_devices // processes
+    by_process: dict[int, list] = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    devices = [device for index in sorted(by_process) for device in by_process[index][:per_process]]
     # jax >= 0.10 defaults to explicit axis types; Auto keeps classic GSPMD propagation.
     return jax.make_mesh(
-        (num_devices,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-        devices=jax.devices()[:num_devices],
+        (num_devices,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
     )
+
+
+def local_mesh_devices(mesh: Mesh) -> list:
+    """The devices of `mesh` that belong to this process (it feeds their batch slices)."""
+    return [device for device in mesh.devices.flat if device.process_index == jax.process_index()]
+
+
+def check_batch_size(key: str, batch_size: int, mesh: Mesh) -> None:
+    """Raises ValueError naming `config.<key>` unless `batch_size` splits evenly over the mesh."""
+    if batch_size <= 0 or batch_size % mesh.size:
+        processes = jax.process_count()
+        layout = f"{processes} process{'es' if processes > 1 else ''} x {len(local_mesh_devices(mesh))} devices"
+        raise ValueError(
+            f"config.{key}={batch_size} is not divisible by the {mesh.size} devices of the mesh "
+            f"({layout}); set it to a multiple of {mesh.size}, or set config.num_devices"
+        )
+
+
+def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
+    """`batch_size` rounded up to a multiple of the mesh's devices (padding examples fill the rest)."""
+    return -(-max(batch_size, 1) // mesh.size) * mesh.size
 
 
 def per_device(fn: Callable, mesh: Mesh) -> Callable:
@@ -107,7 +146,7 @@ def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
     NumPy arrays (file names, strings, metadata) stay on the host and are left out.
     """
     sharding = data_sharded(mesh)
-    local_devices = sum(device.process_index == jax.process_index() for device in mesh.devices.flat)
+    local_devices = len(local_mesh_devices(mesh))
     arrays = {}
     for key, value in host_batch.items():
         if not _is_batch_array(value):

@@ -3,8 +3,11 @@
 Layout under a run's workdir:
   metrics.jsonl   one JSON object per `write_scalars` call: {"step": int, "wall_time": unix
                   seconds, name: value, ...}; non-finite values are written as null. A resumed
-                  run appends; readers keep the last value written for a (step, name).
-  tensorboard/    TensorBoard event files (tensorboardX: no TensorFlow needed).
+                  run first drops the records after its checkpoint's step (they are logged
+                  again as the steps are recomputed), then appends.
+  tensorboard/    TensorBoard event files (tensorboardX: no TensorFlow needed). A resumed run
+                  starts a new event file whose first event tells TensorBoard to hide the
+                  older files' events after the checkpoint's step (tensorboardX `purge_step`).
   report.md, report.png   written by `write_final_report` at the end of a run.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 
@@ -22,7 +26,23 @@ matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorboardX  # noqa: E402
+
+
+def _import_tensorboardx():
+    # tensorboardX imports torch whenever it is installed, only to accept torch tensors:
+    # 5-10 s of start-up for every run. Hide it during the import unless it is loaded anyway.
+    if "torch" in sys.modules:
+        import tensorboardX
+    else:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX allows
+        try:
+            import tensorboardX
+        finally:
+            del sys.modules["torch"]
+    return tensorboardX
+
+
+tensorboardX = _import_tensorboardx()
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -35,16 +55,25 @@ class MetricWriter:
     """Writes every scalar to TensorBoard and to `metrics.jsonl`.
 
     Create it with `enabled=(jax.process_index() == 0)`: the other processes get a writer
-    that does nothing, so the calling code needs no branches.
+    that does nothing, so the calling code needs no branches. `resume_step`: the step the
+    run continues from (0 for a fresh start); records after it, left by an interrupted
+    run, are dropped from `metrics.jsonl` and hidden in TensorBoard, so every step is
+    logged once. None appends to whatever is there.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, *, resume_step: int | None = None):
         self.enabled = enabled
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._tensorboard = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
-        self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+        path = os.path.join(workdir, METRICS_FILE)
+        if resume_step is not None and os.path.exists(path):
+            _drop_records_after(path, resume_step)
+        self._tensorboard = tensorboardX.SummaryWriter(
+            logdir=os.path.join(workdir, TENSORBOARD_DIR),
+            purge_step=None if resume_step is None else resume_step + 1,
+        )
+        self._jsonl = open(path, "a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Logs `scalars` (host numbers or 0-d arrays) at `step`."""
@@ -60,6 +89,7 @@ class MetricWriter:
         self._jsonl.write(json.dumps(record) + "\n")
 
     def flush(self) -> None:
+        """Puts everything written so far on disk (the loop calls it before each checkpoint)."""
         if self.enabled:
             self._tensorboard.flush()
             self._jsonl.flush()
@@ -75,6 +105,26 @@ class MetricWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrites `path` without the records of steps after `step` (atomically: a crash keeps the old file)."""
+    with open(path) as file:
+        lines = file.readlines()
+    kept = [line for line in lines if not line.strip() or _record_step(line) <= step]
+    if len(kept) == len(lines) and (not lines or lines[-1].endswith("\n")):
+        return
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as file:
+        file.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+    os.replace(temporary, path)
+
+
+def _record_step(line: str) -> float:
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return math.inf  # a line cut short by a kill: dropped with the records after the step
 
 
 def read_metrics(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -169,13 +219,18 @@ def _plot(series: Mapping[str, tuple[np.ndarray, np.ndarray]], losses: list[str]
 
 
 def write_final_report(
-    workdir: str, config_summary: str | Mapping[str, object] = "", miou_name: str = "eval/miou"
+    workdir: str,
+    config_summary: str | Mapping[str, object] = "",
+    miou_name: str = "eval/miou",
+    status: str = "",
 ) -> tuple[str, str]:
     """Writes `report.md` (final and best mIoU, last losses, run time, the config) and
     `report.png` (losses and mIoU over steps) into `workdir` from its `metrics.jsonl`.
 
     Losses are the scalars whose name contains 'loss'; the mIoU curve is `miou_name`
-    (the other `.../miou*` scalars beside it are listed too). Returns both paths.
+    (the other `.../miou*` scalars beside it are listed too). Each loss shows its last
+    logged value, nan included, and then the last finite one if that differs. `status`
+    (e.g. why the run stopped) heads the report. Returns both paths.
     """
     series = read_metrics(workdir)
     metric_names = sorted(name for name in series if name != "wall_time")
@@ -184,6 +239,8 @@ def write_final_report(
     mious = [name for name in metric_names if name.startswith(miou_prefix)]
 
     lines = ["# Run report", "", f"- workdir: `{os.path.abspath(workdir)}`"]
+    if status:
+        lines.append(f"- status: {status}")
     last_step = max(int(steps[-1]) for steps, _ in series.values()) if series else 0
     lines.append(f"- last step logged: {last_step}")
     if "wall_time" in series:
@@ -207,10 +264,12 @@ def write_final_report(
 
     lines += ["", "## Last losses", ""]
     if losses:
-        lines += ["| name | step | value |", "|---|---:|---:|"]
+        lines += ["| name | step | value | last finite (step) |", "|---|---:|---:|---:|"]
         for name in losses:
-            last = _last_finite(*series[name])
-            lines.append(f"| {name} | {last[0]} | {last[1]:.4g} |" if last else f"| {name} | | nan |")
+            steps, values = series[name]
+            finite = _last_finite(steps, values)
+            before = "" if finite is None or finite[0] == steps[-1] else f"{finite[1]:.4g} ({finite[0]})"
+            lines.append(f"| {name} | {steps[-1]} | {values[-1]:.4g} | {before} |")
     else:
         lines.append("No losses logged.")
 

@@ -5,10 +5,15 @@ Orbax run checkpoints as 1 x 1, 1 x 4 and 2 x 2 (processes x devices): the pipel
 batches must be bit-identical across the three.
 Checkpoints cross process counts both ways: the 2-process worker restores the 1-process
 checkpoint, and this single test process restores what the 2-process run wrote.
+`launch/local_multiprocess.sh` runs `python -m t2s_jax.main` as 2 x 2 on the same config:
+SIGTERM to one process stops both at the same step, a rerun resumes, and the losses equal
+the 1 x 4 worker's.
 """
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -96,7 +101,7 @@ def runs(tmp_path_factory):
     )
     _wait(_start_workers(dirs["w2x2"], 2, 2, cache_dir, data_dir, restore_from=dirs["w1x4"]))
 
-    return {"config": config, "dirs": dirs}
+    return {"config": config, "dirs": dirs, "data_dir": data_dir, "cache_dir": cache_dir}
 
 
 def _restore_here(config, run_dir):
@@ -203,3 +208,57 @@ def test_one_process_checkpoint_restores_in_two_processes(runs):
     for got, want in zip(arrays, expected):
         np.testing.assert_array_equal(got, want)
 
+
+
+# ---------------------------------------------------------------------------- the launcher
+
+LAUNCHER = os.path.join(tiny.REPO, "launch", "local_multiprocess.sh")
+
+
+def _launch(runs, workdir):
+    command = ["bash", LAUNCHER, "2", "2", tiny.DEMO_CONFIG, workdir,
+               *tiny.as_flags(runs["data_dir"], "t2s", **worker.OVERRIDES)[1:]]  # fmt: skip
+    env = dict(_env(2, runs["cache_dir"]), XLA_FLAGS=_FAST_COMPILE, PORT=str(_free_port()))
+    return subprocess.Popen(command, cwd=tiny.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def launched(runs):
+    """The 2 x 2 launcher run: SIGTERM to process 1 before its first step, then a rerun."""
+    workdir = os.path.join(os.path.dirname(runs["dirs"]["w1x1"]), "launched")
+    first, lines = _launch(runs, workdir), []
+    for line in first.stdout:
+        lines.append(line)
+        if match := re.search(r"\[process 1\].*process 1 of 2 \(pid (\d+)\)", line):
+            os.kill(int(match.group(1)), signal.SIGTERM)  # one process only, during its compile
+            break
+    output, _ = first.communicate(timeout=TIMEOUT_S)
+    stopped = (first.returncode, "".join(lines) + output)
+    checkpoints = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+    rerun = _launch(runs, workdir)
+    output, _ = rerun.communicate(timeout=TIMEOUT_S)
+    return {"workdir": workdir, "stopped": stopped, "stopped_checkpoints": checkpoints,
+            "rerun": (rerun.returncode, output)}  # fmt: skip
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(launched):
+    returncode, output = launched["stopped"]
+    assert returncode == 128 + signal.SIGTERM, output[-4000:]
+    stops = re.findall(r"\[process (\d)\] error: stopped at step (\d+) by signal", output)
+    assert sorted(process for process, _ in stops) == ["0", "1"], output[-4000:]
+    (step,) = {int(step) for _, step in stops}
+    assert launched["stopped_checkpoints"] == [step] and step < worker.NUM_STEPS
+
+
+def test_the_launcher_resumes_and_its_losses_equal_one_process(runs, launched):
+    returncode, output = launched["rerun"]
+    assert returncode == 0, output[-4000:]
+    assert output.count(f"resumed at step {launched['stopped_checkpoints'][0]}") == 2
+    records = [json.loads(line) for line in open(os.path.join(launched["workdir"], "metrics.jsonl"))]
+    logged = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, worker.NUM_STEPS + 1))  # each step once
+    reference = _result(runs["dirs"]["w1x4"])["losses"]
+    for record, want in zip(logged, reference):
+        for key, value in want.items():
+            np.testing.assert_allclose(record[f"train/{key}"], value, rtol=2e-5, atol=1e-6, err_msg=f"step {record['step']} {key}")
+    assert os.path.exists(os.path.join(launched["workdir"], "eval", f"step_{worker.NUM_STEPS}.json"))

@@ -1,19 +1,20 @@
-"""The training system end to end: device-count invariance, one compile, SIGTERM resume, eval mode."""
+"""The training system in process: device-count invariance, one compile, any mesh, stop signals.
+
+The end-to-end runs (resume, faults, eval mode) are in tests/test_faults.py.
+"""
 
 import collections
-import json
 import math
 import os
 import re
 import signal
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
 
-from t2s_jax import checkpointing, data, parallel, train
+from t2s_jax import data, parallel, train
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
@@ -87,83 +88,58 @@ def test_t2s_step_on_8_devices_equals_1_device_and_compiles_once(tmp_path):
         np.testing.assert_allclose(leaf_8, leaf_1, rtol=1e-4, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------- subprocess runs
+# ---------------------------------------------------------------------------- layouts
 
 
-def _main(workdir, data_dir, *extra, popen=False):
-    command = [sys.executable, "-m", "t2s_jax.main", f"--workdir={workdir}",
-               *tiny.as_flags(data_dir, "t2s", **{"train.num_steps": 6, "train.eval_every": 3,
-                                                    "train.checkpoint_every": 3}), *extra]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=tiny.xla_flags(1))
-    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(data_dir, "..", "jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    kwargs = dict(cwd=tiny.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if popen:
-        return subprocess.Popen(command, **kwargs)
-    result = subprocess.run(command, timeout=600, **kwargs)
-    assert result.returncode == 0, result.stdout[-5000:]
-    return result.stdout
+def test_eval_batch_of_one_works_on_any_mesh_and_scores_the_same(tmp_path):
+    """The default eval_batch_size=1 on 8 devices, and num_devices=2 of 8: padded to the mesh."""
+    config = tiny.tiny_config(str(tmp_path / "data"), "source_only", **{
+        "data.eval_batch_size": 1, "data.eval_dataset": "synthetic_city/target_64x128"})
+    data.ensure_prepared(config.data.eval_dataset, config.data.data_dir)
+    graphdef, params, batch_stats = train.create_model_state(config, parallel.make_mesh(1))
+    host_params, host_stats = jax.device_get((params, batch_stats))
+    summaries = {}
+    for num_devices in (1, 2, 8):
+        mesh = parallel.make_mesh(num_devices)
+        variables = jax.device_put((host_params, host_stats), parallel.replicated(mesh))
+        classes = data.check_classes(config, training=False)
+        summaries[num_devices] = train._eval_setup(config, graphdef, mesh, classes)(*variables)
+    for num_devices in (2, 8):
+        assert summaries[num_devices]["num_examples"] == config.data.max_eval_examples
+        assert summaries[num_devices]["num_pixels"] == summaries[1]["num_pixels"] > 0
+        np.testing.assert_allclose(summaries[num_devices]["miou"], summaries[1]["miou"], atol=1e-6)
 
 
-def _final_params(workdir, config):
-    mesh = parallel.make_mesh(1)
-    _, state, _, _ = train.create_train_state(config, mesh, config.train.num_steps)
-    checkpointer = checkpointing.RunCheckpointer(str(workdir))
-    restored, data_state, step = checkpointer.restore(checkpointing.abstract_like(state))
-    checkpointer.close()
-    return jax.device_get(restored), data_state, step
+def test_batch_sizes_and_device_counts_are_checked_against_the_mesh(tmp_path):
+    config = tiny.tiny_config(str(tmp_path), "source_only", **{"num_devices": 4, "data.batch_size": 6})
+    with pytest.raises(train.RunError, match=r"config.data.batch_size=6 is not divisible by the 4 devices "
+                                             r"of the mesh \(1 process x 4 devices\); set it to a multiple of 4"):
+        train.make_run_mesh(config)
+    config.num_devices = 9
+    with pytest.raises(train.RunError, match=r"config.num_devices=9 but only 8 devices exist"):
+        train.make_run_mesh(config)
+    config.num_devices, config.data.batch_size = 2, 2
+    mesh = train.make_run_mesh(config)
+    assert mesh.size == 2 and parallel.padded_batch_size(1, mesh) == 2 and parallel.padded_batch_size(5, mesh) == 6
 
 
-def test_sigterm_resume_matches_uninterrupted_run_and_eval_mode_reproduces(tmp_path):
-    data_dir = str(tmp_path / "data")
-    data.ensure_prepared("synthetic_city/source", data_dir)
-    data.ensure_prepared("synthetic_city/target", data_dir)
-
-    uninterrupted = tmp_path / "uninterrupted"
-    _main(uninterrupted, data_dir)
-
-    interrupted = tmp_path / "interrupted"
-    process = _main(interrupted, data_dir, popen=True)
-    output = []
-    for line in process.stdout:
-        output.append(line)
-        if "step 2/6" in line:
-            process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=600) == 0, "".join(output)[-5000:]
-    log = "".join(output)
-    assert "rerun with the same --workdir to resume" in log, log[-3000:]
-    stopped_at = checkpointing.RunCheckpointer(str(interrupted)).latest_step()
-    assert stopped_at is not None and stopped_at < 6
-    resumed_log = _main(interrupted, data_dir)
-    assert f"resumed at step {stopped_at}" in resumed_log
-
-    config = tiny.tiny_config(data_dir, "t2s", **{"train.num_steps": 6})
-    state_a, data_a, step_a = _final_params(uninterrupted, config)
-    state_b, data_b, step_b = _final_params(interrupted, config)
-    assert step_a == step_b == 6 and data_a == data_b
-    for leaf_a, leaf_b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-        np.testing.assert_allclose(leaf_b, leaf_a, rtol=1e-5, atol=1e-6)
-    eval_a = json.loads((uninterrupted / "eval" / "step_6.json").read_text())
-    eval_b = json.loads((interrupted / "eval" / "step_6.json").read_text())
-    assert eval_b["miou"] == pytest.approx(eval_a["miou"], abs=1e-6)
-
-    # --mode=eval on the saved checkpoint reproduces the mIoU logged at that step.
-    _main(uninterrupted, data_dir, "--mode=eval", "--step=3")
-    logged = json.loads((uninterrupted / "eval" / "step_3.json").read_text())
-    reproduced = json.loads((uninterrupted / "eval" / "step_3_eval_mode.json").read_text())
-    assert reproduced["miou"] == pytest.approx(logged["miou"], abs=1e-6)
-    assert reproduced["per_class_iou"] == pytest.approx(logged["per_class_iou"], abs=1e-6, nan_ok=True)
-    assert (uninterrupted / "report.md").exists() and (uninterrupted / "report.png").exists()
-    metrics = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
-    assert any("train/pseudo_quality" in m and "train/learning_rate" in m for m in metrics)
+def test_global_batch_feeds_the_mesh_devices_not_all_local_ones():
+    mesh = parallel.make_mesh(2)
+    batch = parallel.global_batch({"image": np.arange(2 * 3).reshape(2, 3)}, mesh)["image"]
+    assert {shard.device for shard in batch.addressable_shards} == set(mesh.devices.flat)
+    np.testing.assert_array_equal(parallel.to_host(batch), np.arange(6).reshape(2, 3))
 
 
-def test_misspelt_override_lists_valid_keys(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "t2s_jax.main", f"--workdir={tmp_path}",
-         f"--config={tiny.DEMO_CONFIG}", "--config.pull.temprature=0.1"],
-        cwd=tiny.REPO, capture_output=True, text=True, timeout=120,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
-    assert result.returncode != 0
-    assert "temprature" in result.stderr and "temperature" in result.stderr
+# ---------------------------------------------------------------------------- signals
+
+
+def test_sigterm_and_sigint_request_a_stop_and_the_handlers_are_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with train._stop_signals() as stop:
+            assert not stop.reached()
+            with train._stop_signals() as inner:  # a comparison's runs share the outer handlers
+                assert inner is stop
+            os.kill(os.getpid(), signum)
+            assert stop.reached() and stop.signum == signum
+        assert signal.getsignal(signal.SIGTERM) is before
