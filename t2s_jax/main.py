@@ -88,7 +88,7 @@ def _flag_value(argv: list[str], name: str) -> str | None:
     return value
 
 
-def _load_config_file(spec: str) -> ml_collections.ConfigDict:
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
     path, _, argument = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("t2s_run_config", path)
     module = importlib.util.module_from_spec(module_spec)
@@ -119,7 +119,7 @@ def _config_problem(argv: list[str]) -> str | None:
     path = spec.partition(":")[0]
     if not os.path.isfile(path):
         return f"config file {path} (--config) does not exist; the benchmark configs are in configs/, e.g. --config=configs/synthetic_demo.py"
-    config = _load_config_file(spec)
+    config = load_config_file(spec)
     for arg in argv:
         if match := re.fullmatch(r"--?(?:no)?config\.([\w.]+)(?:\[.*)?(?:=.*)?", arg):
             if problem := _unknown_key(config, match.group(1)):
@@ -133,14 +133,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return app.parse_flags_with_usage(argv)
 
 
-def _workdir_problem(workdir: str, mode: str) -> str | None:
+def _workdir_problem(workdir: str, mode: str, pretrained: str) -> str | None:
     """Why `workdir` cannot serve `mode`, without creating anything; or None."""
     if not workdir:
         return "--workdir is empty; pass the run directory, e.g. --workdir=runs/my_run"
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         return f"--workdir={workdir} is a file, not a directory; choose another --workdir"
     if mode == "eval":
-        if not os.path.isdir(workdir) and not _PRETRAINED.value:
+        if not os.path.isdir(workdir) and not pretrained:
             return f"--workdir={workdir} does not exist; pass the folder of a training run"
         return None
     existing = os.path.abspath(workdir)
@@ -188,33 +188,51 @@ def enable_compilation_cache(workdir: str) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    if problem := _workdir_problem(_WORKDIR.value, _MODE.value):
+    distributed = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    run(_CONFIG.value, _WORKDIR.value, mode=_MODE.value, step=_STEP.value, pretrained=_PRETRAINED.value,
+        compilation_cache=_COMPILATION_CACHE.value, distributed=distributed)  # fmt: skip
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    mode: str = "train",
+    step: int | None = None,
+    pretrained: str = "",
+    compilation_cache: bool = True,
+    distributed: tuple[str, int, int] = ("", 0, -1),
+) -> None:
+    """What the command does once its flags are parsed (the tests call it with a loaded config).
+    `distributed`: the coordinator address, process count and process id (defaults: detected)."""
+    if problem := _workdir_problem(workdir, mode, pretrained):
         _fail(problem, _USAGE_ERROR)
     # Imported here, after the command is known to be sound: jax, flax and orbax take seconds.
     from t2s_jax import checkpointing, methods, parallel, train, workdir_lock
 
     if problem := _method_problem(config, tuple(methods.PRESETS)):
         _fail(problem, _USAGE_ERROR)
-    if _MODE.value == "train":
+    if mode == "train":
         try:
-            train.prepare_workdir(_WORKDIR.value)
+            train.prepare_workdir(workdir)
         except train.RunError as error:
             _fail(str(error), _USAGE_ERROR)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_QuietLibraries())
-    if _COMPILATION_CACHE.value:
-        logging.info("compilation cache: %s", enable_compilation_cache(_WORKDIR.value))
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+            handler.addFilter(_QuietLibraries())
+    if compilation_cache and (mode == "train" or os.environ.get("JAX_COMPILATION_CACHE_DIR")):
+        # An evaluation writes nothing into the run's folder: no cache there unless one is named.
+        logging.info("compilation cache: %s", enable_compilation_cache(workdir))
+    parallel.initialize_distributed(*distributed)
     try:
-        if _MODE.value == "eval" and _PRETRAINED.value:
-            train.evaluate_checkpoint(config, _WORKDIR.value, pretrained=_PRETRAINED.value)
-        elif _MODE.value == "eval":
-            train.evaluate_workdir(config, _WORKDIR.value, step=_STEP.value)
+        if mode == "eval" and pretrained:
+            train.evaluate_checkpoint(config, workdir, pretrained=pretrained)
+        elif mode == "eval":
+            train.evaluate_workdir(config, workdir, step=step)
         elif config.get("compare_methods"):
-            train.train_methods(config, _WORKDIR.value)
+            train.train_methods(config, workdir)
         else:
-            train.train_and_evaluate(config, _WORKDIR.value)
+            train.train_and_evaluate(config, workdir)
     except train.RunError as error:
         _fail(str(error), error.exit_code)
     except (checkpointing.CheckpointError, workdir_lock.WorkdirBusyError) as error:

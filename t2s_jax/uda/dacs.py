@@ -4,7 +4,7 @@ augmentation, and the pseudo-label-weighted cross-entropy of the student on the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
