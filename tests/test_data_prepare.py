@@ -437,7 +437,7 @@ def test_own_classes_prepare_train_evaluate_report_and_draw(tmp_path):
 
     # A wrong class count stops before any model is built, naming the dataset and the key.
     wrong = tiny.tiny_config(data_dir, "t2s", **{**run, "model.num_classes": 19, "num_devices": 1})
-    with pytest.raises(ValueError, match=(
+    with pytest.raises(train.RunError, match=(
         r"^config.model.num_classes=19 but config.data.source='image_folder/lab' has 5 classes; "
         r"set --config.model.num_classes=5$"
     )):  # fmt: skip

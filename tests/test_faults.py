@@ -22,6 +22,9 @@ from t2s_jax import data, reporting
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
 
+# One xdist worker runs the whole module: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("faults")
+
 TIMEOUT_S = 600
 # The 64x128 synthetic pair: a quarter of the demo's pixels to generate and read.
 SMALL_DATA = {
