@@ -176,8 +176,10 @@ def enable_compilation_cache(workdir: str) -> str:
     cache_dir = jax.config.jax_compilation_cache_dir or os.path.join(workdir, "jax_cache")
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     # Executables compiled in under a second (eager ops, tiny jits) cost more to read than to
-    # compile; the steps and the state initialisation take longer, whatever their size.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # compile; the steps and the state initialisation take longer, whatever their size. An
+    # explicit JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS wins here too.
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return cache_dir
 

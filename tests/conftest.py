@@ -15,7 +15,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # inherit this environment) and the subprocesses the tests start: a program compiles once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="t2s_jax_test_jit_cache_")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# Every program, however quick to compile: the subprocesses and runs of the tests share
+# their small ones too (the eval step, the checkpoint's slices), which add up to minutes.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
