@@ -167,10 +167,11 @@ def test_a_process_transforms_only_its_own_examples(data_dir, monkeypatch):
     monkeypatch.setattr(transforms, "crop_and_flip", lambda *args: crops.append(1) or crop_and_flip(*args))
     config = config_for(data_dir)
     take(data.make_train_iterator(config, seed=0, process_index=1, process_count=4), 8)
-    # 2 domains x 1 example per batch, plus what the read threads computed ahead; reading
-    # every process's examples would be 4x as many.
+    # 2 domains x 1 example per batch, plus what the read threads computed ahead (how far
+    # ahead depends on thread timing: up to twice the nominal); every process's examples
+    # would be 4x as many.
     read_ahead = pipeline._PREFETCH_BATCHES + pipeline._READ_THREADS
-    assert 16 <= len(crops) <= 2 * (8 + read_ahead) < 2 * 4 * 8
+    assert 16 <= len(crops) <= 2 * (8 + 2 * read_ahead) < 2 * 4 * 8
 
 
 @pytest.mark.parametrize("workers", [0, 2])

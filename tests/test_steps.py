@@ -135,14 +135,15 @@ def test_presets_keep_their_numbers(method):
         _assert_total_is_the_sum_of_the_terms(metrics)
 
 
+# With the defaults (pseudo-target queries, source keys, FDA, InfoNCE; dg: colour jitter)
+# these cover every value of pull.query_domain, key_domain, translation and loss.
 @pytest.mark.parametrize(
     "overrides",
     [
         {"pull.query_domain": "source", "pull.key_domain": "target"},
-        {"pull.query_domain": "target"},
-        {"pull.translation": "gaussian_blur", "pull.loss": "mse"},
+        {"pull.query_domain": "target", "pull.translation": "gaussian_blur", "pull.loss": "mse"},
     ],
-    ids=["source_queries_target_keys", "target_queries", "blur_engine_mse"],
+    ids=["source_queries_target_keys", "target_queries_blur_engine_mse"],
 )
 def test_every_pulling_domain_and_engine_trains(overrides):
     history, state, _ = _run(_config("t2s", **overrides), [_batch(0), _batch(1)])
@@ -154,6 +155,7 @@ def test_every_pulling_domain_and_engine_trains(overrides):
 
 @pytest.mark.parametrize("method", ["mic", "t2s_mic", "masktwins"])
 def test_new_presets_compile_once_and_8_devices_equal_1(method):
+    """8 devices = 1 for t2s_mic (which holds the mic term) and masktwins; mic alone, once."""
     # Eight sampling groups of the pulling loss on both meshes, so both draw the same samples.
     config = _config(method, **{"data.batch_size": 8, "model.encoder.drop_path_rate": 0.0, "pull.num_groups": 8})
     batches = [_batch(0, batch_size=8), _batch(1, batch_size=8, classes=(0, 13)), _batch(2, batch_size=8, classes=(255,))]
@@ -163,6 +165,8 @@ def test_new_presets_compile_once_and_8_devices_equal_1(method):
     assert history[0][masked_loss] > 0
     for metrics in history:
         _assert_total_is_the_sum_of_the_terms(metrics)
+    if method == "mic":
+        return
     on_8, _, _ = _run(config, batches[:1], num_devices=8)
     for name, value in history[0].items():
         # grad_norm is in the thousands at random init: the masked passes hold all-zero tokens, whose
