@@ -89,6 +89,7 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """The config of `--config=PATH[:ARGUMENT]`: `get_config(ARGUMENT)` of that file, unlocked."""
     path, _, argument = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("t2s_run_config", path)
     module = importlib.util.module_from_spec(module_spec)
