@@ -1,7 +1,7 @@
-"""Every file in configs/ trains and evaluates through `python -m t2s_jax.main`, on 2 of the 8
-fake devices, then resumes from its checkpoint: the same code path a user runs, shrunk by
-overrides (tiny MiT, 64x64 crops, datasets in the published layouts, MiT weights in the mmseg
-key layout)."""
+"""Every file in configs/ trains and evaluates through what `python -m t2s_jax.main` runs
+(`main.run`), on 2 of the 8 fake devices, and each method's run resumes from its checkpoint:
+the code path a user runs, shrunk by overrides (tiny MiT, 64x64 crops, datasets in the
+published layouts, MiT weights in the mmseg key layout)."""
 
 import glob
 import json
