@@ -664,9 +664,7 @@ def _with_saved_method(config: ml_collections.ConfigDict, workdir: str) -> ml_co
     if saved_method == config.method:
         return config
     logging.info("%s was trained with method=%s; evaluating it as such", workdir, saved_method)
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.method = saved_method
-    return config
+    return methods.with_method(config, saved_method)
 
 
 # ---------------------------------------------------------------------------- several methods

@@ -14,7 +14,7 @@ import torch
 from transformers import SegformerConfig, SegformerModel
 
 from data_pipelines import prepare
-from t2s_jax import checkpointing, main
+from t2s_jax import checkpointing, main, train
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dataset_trees  # noqa: E402
@@ -70,13 +70,6 @@ def _run(config_name: str, workdir: str, overrides: dict) -> None:
     main.run(config, workdir)
 
 
-def _run_dirs(workdir: str) -> list[str]:
-    """The run folders of a workdir: itself, or one per compared method."""
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
-        return [workdir]
-    return sorted(os.path.dirname(path) for path in glob.glob(os.path.join(workdir, "*", "checkpoints")))
-
-
 @pytest.mark.parametrize("config_name", CONFIGS)
 def test_config_trains_evaluates_and_resumes(config_name, prepared, tmp_path):
     """Two steps, a checkpoint after each and an evaluation at the end; then the run dies
@@ -94,14 +87,14 @@ def test_config_trains_evaluates_and_resumes(config_name, prepared, tmp_path):
         overrides["train.checkpoint_every"] = 2
     workdir = str(tmp_path / "run")
     _run(config_name, workdir, overrides)
-    runs = _run_dirs(workdir)
+    runs = train.find_runs(workdir)
     assert runs, os.listdir(workdir)
     first_losses = {}
     for run in runs:
         assert checkpointing.RunCheckpointer(run).latest_step() == 2
         summary = json.loads(open(os.path.join(run, "eval", "step_2.json")).read())
         assert summary["num_examples"] == 2 and 0.0 <= summary["miou"] <= 1.0
-        first_losses[run] = _losses(run)
+        first_losses[run] = tiny.logged_losses(run)
     if not resumes:
         return
     for run in runs:
@@ -109,11 +102,5 @@ def test_config_trains_evaluates_and_resumes(config_name, prepared, tmp_path):
     _run(config_name, workdir, overrides)
     for run in runs:
         assert checkpointing.RunCheckpointer(run).latest_step() == 2
-        assert _losses(run) == first_losses[run]  # steps 1 and 2, once each, the same values
+        assert tiny.logged_losses(run) == first_losses[run]  # steps 1 and 2, once each, the same values
 
-
-def _losses(run: str) -> dict[int, float]:
-    records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    logged = [r for r in records if "train/loss" in r]
-    assert len({r["step"] for r in logged}) == len(logged), logged
-    return {r["step"]: r["train/loss"] for r in logged}

@@ -94,13 +94,6 @@ def _records(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, reporting.METRICS_FILE))]
 
 
-def _losses(run_dir):
-    """{step: train/loss} from metrics.jsonl, asserting each step was logged exactly once."""
-    steps = [r["step"] for r in _records(run_dir) if "train/loss" in r]
-    assert len(steps) == len(set(steps)), f"steps logged twice in {run_dir}: {steps}"
-    return {r["step"]: r["train/loss"] for r in _records(run_dir) if "train/loss" in r}
-
-
 def _checkpoint_steps(run_dir):
     folder = os.path.join(run_dir, "checkpoints")
     return sorted(int(name) for name in os.listdir(folder) if name.isdigit()) if os.path.isdir(folder) else []
@@ -223,7 +216,7 @@ def test_an_evaluation_error_and_kills_mid_step_and_mid_save_lose_nothing(sessio
     assert returncode == 0, output[-3000:]
     assert "resumed at step 2" in output
     reference = comparison["dirs"]["seed_1"]
-    assert _losses(workdir) == _losses(reference)  # each step once, the same values
+    assert tiny.logged_losses(workdir) == tiny.logged_losses(reference)  # each step once, the same values
     evaluations = [(r["step"], r["eval/miou"]) for r in _records(workdir) if "eval/miou" in r]
     assert evaluations == [(r["step"], r["eval/miou"]) for r in _records(reference) if "eval/miou" in r]
 
@@ -287,7 +280,7 @@ def test_the_rerun_resumes_the_stopped_run_and_trains_the_rest(comparison):
     assert "resumed at step" in output
     assert "| **mIoU** |" in output
     for run_dir in comparison["dirs"].values():
-        assert sorted(_losses(run_dir)) == [1, 2, 3, 4]
+        assert sorted(tiny.logged_losses(run_dir)) == [1, 2, 3, 4]
         assert _checkpoint_steps(run_dir)[-1] == 4
 
 

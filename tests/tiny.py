@@ -1,6 +1,7 @@
 """A tiny run config for tests: the synthetic demo shrunk to 64x64 crops and a few steps."""
 
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -57,3 +58,14 @@ def as_flags(data_dir: str, method: str = "t2s", **overrides) -> list[str]:
     values = {"method": method, "data.data_dir": data_dir, "compare_methods": (), **TINY_OVERRIDES, **overrides}
     return [f"--config={DEMO_CONFIG}"] + [f"--config.{key}={value!r}" if not isinstance(value, str)
                                          else f"--config.{key}={value}" for key, value in values.items()]
+
+
+def logged_losses(run_dir: str) -> dict[int, float]:
+    """{step: train/loss} from a run's metrics.jsonl, asserting each step was logged exactly once."""
+    from t2s_jax import reporting  # here: this module stays importable without jax
+
+    with open(os.path.join(run_dir, reporting.METRICS_FILE)) as f:
+        logged = [record for record in map(json.loads, f) if "train/loss" in record]
+    steps = [record["step"] for record in logged]
+    assert len(steps) == len(set(steps)), f"steps logged twice in {run_dir}: {steps}"
+    return {record["step"]: record["train/loss"] for record in logged}
