@@ -89,7 +89,7 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
                     {"image": record.image_png, "label": record.label_png, "file_name": record.file_name},
                 )
         if report.written == 0:
-            raise ValueError(
+            raise LayoutError(
                 f"{name} {split}: no file could be converted; first skipped: {report.skipped[:3]}"
             )
         self.info.metadata.setdefault("splits", {})[split] = report.to_json()
@@ -98,8 +98,34 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         self.info.metadata["palette"] = classes.palette.tolist()
 
 
-class _ManualSegmentationBuilder(_SegmentationBuilder, skip_registration=True):
+class ManualSegmentationBuilder(_SegmentationBuilder, skip_registration=True):
     """A dataset the user downloaded by hand, converted from (image, label) file pairs."""
+
+    EXPECTED = ""  # the published layout in one line, for error messages
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._sources: dict | None = None
+
+    def find_sources(self, manual_dir: str | os.PathLike):
+        """Split -> (pairs, label formats) of `manual_dir`, found once (`download_and_prepare`
+        reuses them). Raises LayoutError in one line before anything is written."""
+        if self._sources is None:
+            path = epath.Path(manual_dir)
+            if not path.is_dir():
+                raise LayoutError(f"--manual_dir={manual_dir} is not a directory; expected {self.EXPECTED}")
+            if not any(path.iterdir()):
+                raise LayoutError(f"--manual_dir={manual_dir} is empty; expected {self.EXPECTED}")
+            sources = self._find_pairs(path)
+            for split, (pairs, _) in sources.items():
+                if not any(pair.image_path and pair.label_path for pair in pairs):
+                    names = ", ".join(pair.file_name for pair in pairs[:2])
+                    raise LayoutError(
+                        f"--manual_dir={manual_dir}: no image of split {split!r} has a label of the same "
+                        f"name ({names}, ...); expected {self.EXPECTED}"
+                    )
+            self._sources = sources
+        return self._sources
 
     @abc.abstractmethod
     def _find_pairs(
@@ -108,7 +134,7 @@ class _ManualSegmentationBuilder(_SegmentationBuilder, skip_registration=True):
         """Split -> (pairs, label formats by `Pair.label_kind`); raises LayoutError."""
 
     def _split_generators(self, dl_manager):
-        splits = self._find_pairs(epath.Path(dl_manager.manual_dir))
+        splits = self.find_sources(dl_manager.manual_dir)
         return {
             split: self._generate_examples(split=split, pairs=pairs, formats=formats)
             for split, (pairs, formats) in splits.items()
@@ -134,12 +160,12 @@ def _files(
     return found
 
 
-def _require_dirs(manual_dir: epath.Path, dataset: str, layout: str, *names: str):
+def _require_dirs(manual_dir: epath.Path, dataset: str, expected: str, *names: str):
     missing = [n for n in names if not (manual_dir / n).is_dir()]
     if missing:
         raise LayoutError(
-            f"{manual_dir} is not a {dataset} directory: missing {', '.join(missing)}/. "
-            f"Expected layout:\n{layout}"
+            f"{manual_dir} is not a {dataset} directory: missing {', '.join(n + '/' for n in missing)}; "
+            f"expected {expected}"
         )
 
 
@@ -174,20 +200,22 @@ def _pair_up(
 
 GTA5_LAYOUT = """  <manual_dir>/images/00001.png ...   RGB frames (1914x1052)
   <manual_dir>/labels/00001.png ...   Cityscapes label ids, same file names"""
+GTA5_EXPECTED = "images/00001.png ... (RGB frames) and labels/00001.png ... (Cityscapes label ids, same names)"
 
 
-class Gta5(_ManualSegmentationBuilder):
+class Gta5(ManualSegmentationBuilder):
     """GTA5 (Richter et al. 2016): 24 966 frames with Cityscapes label ids."""
 
     DESCRIPTION = "GTA5 frames with labels mapped to the 19 Cityscapes train ids."
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Download and extract GTA5 images and labels as:\n" + GTA5_LAYOUT
+    EXPECTED = GTA5_EXPECTED
 
     def _find_pairs(self, manual_dir):
-        _require_dirs(manual_dir, "GTA5", GTA5_LAYOUT, "images", "labels")
+        _require_dirs(manual_dir, "GTA5", self.EXPECTED, "images", "labels")
         images = _files(manual_dir / "images", (".png",))
         label_files = _files(manual_dir / "labels", (".png",))
         if not images:
-            raise LayoutError(f"{manual_dir}/images holds no .png files. Expected layout:\n{GTA5_LAYOUT}")
+            raise LayoutError(f"{manual_dir}/images holds no .png files; expected {self.EXPECTED}")
         names = {k: f"labels/{k}" for k in label_files} | {k: f"images/{k}" for k in images}
         label_format = convert.LabelFormat(
             labels.train_id_lookup(labels.CITYSCAPES_LABEL_ID_TO_TRAIN_ID), labels.CITYSCAPES_LABEL_IDS
@@ -199,20 +227,22 @@ class Gta5(_ManualSegmentationBuilder):
 
 SYNTHIA_LAYOUT = """  <manual_dir>/RGB/0000000.png ...         RGB frames (1280x760)
   <manual_dir>/GT/LABELS/0000000.png ...   16-bit PNG, class id in the first channel"""
+SYNTHIA_EXPECTED = "RGB/0000000.png ... (RGB frames) and GT/LABELS/0000000.png ... (16-bit PNG, class id in the first channel)"
 
 
-class Synthia(_ManualSegmentationBuilder):
+class Synthia(ManualSegmentationBuilder):
     """SYNTHIA-RAND-CITYSCAPES (Ros et al. 2016): 9 400 frames, 16-bit class labels."""
 
     DESCRIPTION = "SYNTHIA-RAND-CITYSCAPES with labels mapped to Cityscapes train ids (16 classes used)."
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Download and extract SYNTHIA-RAND-CITYSCAPES as:\n" + SYNTHIA_LAYOUT
+    EXPECTED = SYNTHIA_EXPECTED
 
     def _find_pairs(self, manual_dir):
-        _require_dirs(manual_dir, "SYNTHIA-RAND-CITYSCAPES", SYNTHIA_LAYOUT, "RGB", "GT/LABELS")
+        _require_dirs(manual_dir, "SYNTHIA-RAND-CITYSCAPES", self.EXPECTED, "RGB", "GT/LABELS")
         images = _files(manual_dir / "RGB", (".png",))
         label_files = _files(manual_dir / "GT" / "LABELS", (".png",))
         if not images:
-            raise LayoutError(f"{manual_dir}/RGB holds no .png files. Expected layout:\n{SYNTHIA_LAYOUT}")
+            raise LayoutError(f"{manual_dir}/RGB holds no .png files; expected {self.EXPECTED}")
         names = {k: f"GT/LABELS/{k}" for k in label_files} | {k: f"RGB/{k}" for k in images}
         label_format = convert.LabelFormat(
             labels.train_id_lookup(labels.SYNTHIA_ID_TO_TRAIN_ID),
@@ -227,24 +257,29 @@ class Synthia(_ManualSegmentationBuilder):
 CITYSCAPES_LAYOUT = """  <manual_dir>/leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
   <manual_dir>/gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelTrainIds.png
       (or ..._gtFine_labelIds.png, mapped with the official table)"""
+CITYSCAPES_EXPECTED = (
+    "leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png "
+    "(or *_gtFine_labelIds.png)"
+)
 _CITYSCAPES_SPLITS = {"train": "train", "val": "validation"}  # folder -> TFDS split
 _CS_IMAGE = "_leftImg8bit.png"
 _CS_LABELS = {"train_ids": "_gtFine_labelTrainIds.png", "label_ids": "_gtFine_labelIds.png"}
 
 
-class CityscapesFine(_ManualSegmentationBuilder):
+class CityscapesFine(ManualSegmentationBuilder):
     """Cityscapes gtFine (Cordts et al. 2016): train (2 975) and validation (500) splits."""
 
     name = "cityscapes_fine"
     DESCRIPTION = "Cityscapes leftImg8bit with gtFine labels as the 19 train ids."
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Download and extract leftImg8bit and gtFine as:\n" + CITYSCAPES_LAYOUT
+    EXPECTED = CITYSCAPES_EXPECTED
 
     def _find_pairs(self, manual_dir):
-        _require_dirs(manual_dir, "Cityscapes", CITYSCAPES_LAYOUT, "leftImg8bit", "gtFine")
+        _require_dirs(manual_dir, "Cityscapes", self.EXPECTED, "leftImg8bit", "gtFine")
         present = [f for f in _CITYSCAPES_SPLITS if (manual_dir / "leftImg8bit" / f).is_dir()]
         if not present:
             raise LayoutError(
-                f"{manual_dir}/leftImg8bit has neither train/ nor val/. Expected layout:\n{CITYSCAPES_LAYOUT}"
+                f"{manual_dir}/leftImg8bit has neither train/ nor val/; expected {self.EXPECTED}"
             )
         formats = {
             "train_ids": convert.LabelFormat(
@@ -259,7 +294,7 @@ class CityscapesFine(_ManualSegmentationBuilder):
             image_dir, label_dir = manual_dir / "leftImg8bit" / folder, manual_dir / "gtFine" / folder
             images = _strip(_files(image_dir, (_CS_IMAGE,), recursive=True), _CS_IMAGE)
             if not images:
-                raise LayoutError(f"{image_dir} holds no *{_CS_IMAGE}. Expected layout:\n{CITYSCAPES_LAYOUT}")
+                raise LayoutError(f"{image_dir} holds no *{_CS_IMAGE}; expected {self.EXPECTED}")
             found = {
                 kind: _strip(_files(label_dir, (suffix,), recursive=True), suffix)
                 if label_dir.is_dir()
@@ -282,6 +317,10 @@ FOLDER_LAYOUT = """  <manual_dir>/classes.txt                  one class per lin
   <manual_dir>/images/<split>/<name>.png|.jpg
   <manual_dir>/labels/<split>/<name>.png    8-bit train ids, 255 = ignore
   (split folders: any name; 'val' is stored as 'validation')"""
+FOLDER_EXPECTED = (
+    "classes.txt (one class per line, in train-id order, optionally its colour: 'car 0 0 142'), "
+    "images/<split>/<name>.png|.jpg and labels/<split>/<name>.png (8-bit train ids, 255 = ignore)"
+)
 
 
 def _parse_class_line(path: epath.Path, number: int, line: str) -> tuple[str, tuple[int, int, int] | None]:
@@ -300,7 +339,7 @@ def read_class_list(manual_dir: epath.Path) -> ClassList:
     given there; classes without one get distinct generated colours (none black)."""
     path = manual_dir / "classes.txt"
     if not path.is_file():
-        raise LayoutError(f"{manual_dir} has no classes.txt. Expected layout:\n{FOLDER_LAYOUT}")
+        raise LayoutError(f"{manual_dir} has no classes.txt; expected {FOLDER_EXPECTED}")
     lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     parsed = [_parse_class_line(path, n, line) for n, line in lines]
     names = tuple(name for name, _ in parsed)
@@ -315,12 +354,13 @@ def read_class_list(manual_dir: epath.Path) -> ClassList:
     return ClassList(names, np.array(palette, np.uint8))
 
 
-class SegmentationFolder(_ManualSegmentationBuilder):
+class SegmentationFolder(ManualSegmentationBuilder):
     """A user's own data: images and train-id label PNGs per split, classes from classes.txt."""
 
     name = "segmentation_folder"
     DESCRIPTION = "Images with train-id label PNGs from a folder, classes from classes.txt."
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Arrange the images and labels as:\n" + FOLDER_LAYOUT
+    EXPECTED = FOLDER_EXPECTED
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(name="default", description="The folder given at preparation.")
     ]
@@ -329,12 +369,12 @@ class SegmentationFolder(_ManualSegmentationBuilder):
         return self._class_list
 
     def _find_pairs(self, manual_dir):
-        _require_dirs(manual_dir, "image folder", FOLDER_LAYOUT, "images", "labels")
+        _require_dirs(manual_dir, "image folder", self.EXPECTED, "images", "labels")
         self._class_list = read_class_list(manual_dir)
         num_classes = len(self._class_list.names)
         folders = sorted(p.name for p in (manual_dir / "images").iterdir() if p.is_dir())
         if not folders:
-            raise LayoutError(f"{manual_dir}/images has no split folders. Expected layout:\n{FOLDER_LAYOUT}")
+            raise LayoutError(f"{manual_dir}/images has no split folders; expected {self.EXPECTED}")
         label_format = convert.LabelFormat(
             labels.train_id_lookup(labels.identity_mapping(num_classes)),
             frozenset(range(num_classes)) | {IGNORE_INDEX},

@@ -8,12 +8,20 @@ Datasets: gta5, synthia, cityscapes, image_folder[/<name>] (from --manual_dir) a
 synthetic_city/{source,target}[_<H>x<W>] (generated). The report lists per split the
 images written, every skipped file with its reason, every label resized to its image,
 every file with unknown label ids (mapped to 255), and the label histogram. It is also
-kept in the dataset's metadata.json, so preparing an existing dataset prints it again.
+kept in the dataset's metadata.json, so preparing an existing dataset prints it again;
+`--overwrite` rebuilds it instead (e.g. after its files were damaged on disk).
+
+A missing, empty or wrongly laid-out --manual_dir is refused in one line naming the layout
+expected, before anything is written (exit 2); a preparation that fails later removes what
+it wrote, so `data_dir` stays as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -29,20 +37,63 @@ _MANUAL_DIR = flags.DEFINE_string(
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", "data/tfds", "where the prepared datasets live")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "conversion processes (0: none)")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "rebuild the dataset even if it is prepared")
 _MAX_LISTED = flags.DEFINE_integer(
     "max_listed", 50, "file names listed per report category (all are in metadata.json)"
 )
 
 
-def prepare(dataset: str, data_dir: str, manual_dir: str | None, num_workers: int = 0) -> dict:
-    """Builds `dataset` under `data_dir` unless it exists; returns its metadata (the report)."""
-    family = dataset.partition("/")[0]
-    if family in builders.MANUAL_DATASETS and not manual_dir:
-        raise ValueError(f"--manual_dir is required for {dataset}")
+def prepare(
+    dataset: str, data_dir: str, manual_dir: str | None, num_workers: int = 0, *, overwrite: bool = False
+) -> dict:
+    """Builds `dataset` under `data_dir` unless it exists (or always, with `overwrite`); returns
+    its metadata (the report). Raises ValueError (`builders.LayoutError` for the source) in one
+    line; `data_dir` is then as it was."""
     builder = builders.make_builder(dataset, data_dir, num_workers=num_workers)
+    if isinstance(builder, builders.ManualSegmentationBuilder):
+        if not manual_dir:
+            raise builders.LayoutError(
+                f"--manual_dir is required for {dataset}: the folder holding {builder.EXPECTED}"
+            )
+        builder.find_sources(manual_dir)
+    modes = tfds.download.GenerateMode
+    mode = modes.REUSE_CACHE_IF_EXISTS if overwrite else modes.REUSE_DATASET_IF_EXISTS
     tfds.disable_progress_bar()  # our own per-file bar is in the builder
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    with _removing_new_entries_on_failure(data_dir, [builder.name, "downloads"]):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode)
+        )
     return dict(builder.info.metadata)
+
+
+@contextlib.contextmanager
+def _removing_new_entries_on_failure(data_dir: str, names: list[str]):
+    """On an exception, removes what appeared under `data_dir`/<name> for `names` (and
+    `data_dir` itself, if this created it): TFDS leaves its folders behind."""
+    existed = os.path.isdir(data_dir)
+    before = {name: _entries(os.path.join(data_dir, name)) for name in names}
+    try:
+        yield
+    except BaseException:
+        for name in names:
+            for path in sorted(_entries(os.path.join(data_dir, name)) - before[name], reverse=True):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                elif os.path.lexists(path):
+                    os.remove(path)
+        if not existed and os.path.isdir(data_dir) and not os.listdir(data_dir):
+            os.rmdir(data_dir)
+        raise
+
+
+def _entries(root: str) -> set[str]:
+    """`root` and every path below it (empty when it does not exist)."""
+    if not os.path.lexists(root):
+        return set()
+    found = {root}
+    for folder, subfolders, files in os.walk(root):
+        found.update(os.path.join(folder, name) for name in subfolders + files)
+    return found
 
 
 def format_report(dataset: str, metadata: dict, max_listed: int = 50) -> str:
@@ -82,7 +133,13 @@ def format_report(dataset: str, metadata: dict, max_listed: int = 50) -> str:
 
 def main(argv):
     del argv
-    metadata = prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value, _NUM_WORKERS.value)
+    try:
+        metadata = prepare(
+            _DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value, _NUM_WORKERS.value, overwrite=_OVERWRITE.value
+        )
+    except ValueError as error:  # an unknown dataset name, a missing, empty or wrongly laid-out source
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     print(format_report(_DATASET.value, metadata, _MAX_LISTED.value))
     print(f"prepared: {builders.prepared_dir(_DATASET.value, _DATA_DIR.value)}")
 

@@ -154,6 +154,19 @@ def _workdir_problem(workdir: str, mode: str, pretrained: str) -> str | None:
     return None
 
 
+def _pretrained_problem(config: ml_collections.ConfigDict, mode: str, pretrained: str) -> str | None:
+    """One line on weights the command would read that are missing or unreadable, or None."""
+    from t2s_jax.models import weights
+
+    if mode == "eval" and pretrained:
+        problem = weights.problem(pretrained, segmentor=True)
+        return problem and f"--pretrained: {problem}"
+    if mode == "train" and config.model.pretrained:
+        problem = weights.problem(config.model.pretrained)
+        return problem and f"config.model.pretrained: {problem}"
+    return None
+
+
 def _method_problem(config: ml_collections.ConfigDict, methods: tuple[str, ...]) -> str | None:
     method = [] if config.get("terms") else [config.method]  # explicit terms name no preset
     for key, names in (("method", method), ("compare_methods", list(config.get("compare_methods") or ()))):
@@ -211,9 +224,10 @@ def run(
     if problem := _workdir_problem(workdir, mode, pretrained):
         _fail(problem, _USAGE_ERROR)
     # Imported here, after the command is known to be sound: jax, flax and orbax take seconds.
-    from t2s_jax import checkpointing, methods, parallel, train, workdir_lock
+    from t2s_jax import checkpointing, data, methods, parallel, train, workdir_lock
+    from t2s_jax.models import weights
 
-    if problem := _method_problem(config, tuple(methods.PRESETS)):
+    if problem := _method_problem(config, tuple(methods.PRESETS)) or _pretrained_problem(config, mode, pretrained):
         _fail(problem, _USAGE_ERROR)
     if mode == "train":
         try:
@@ -238,7 +252,8 @@ def run(
             train.train_and_evaluate(config, workdir)
     except train.RunError as error:
         _fail(str(error), error.exit_code)
-    except (checkpointing.CheckpointError, workdir_lock.WorkdirBusyError) as error:
+    except (checkpointing.CheckpointError, workdir_lock.WorkdirBusyError, data.DamagedDataError,
+            weights.WeightsError) as error:  # fmt: skip
         _fail(str(error), 1)
 
 

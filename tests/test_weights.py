@@ -22,7 +22,7 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation, Segf
 from t2s_jax import checkpointing
 from t2s_jax import config as config_lib
 from t2s_jax.models import (
-    CheckpointError,
+    WeightsError,
     MiT,
     Segmentor,
     build_encoder,
@@ -242,21 +242,21 @@ def test_truncated_files_name_the_file(tmp_path):
     for name, source in sources.items():
         data = source.read_bytes()
         (tmp_path / name).write_bytes(data[: len(data) // 2])
-        with pytest.raises(CheckpointError, match=f"cannot read .*{name}"):
+        with pytest.raises(WeightsError, match=f"cannot read .*{name}"):
             load_pretrained_encoder(abstract_encoder(hf_config), tmp_path / name)
-    with pytest.raises(CheckpointError, match="not found: .*absent.pth"):
+    with pytest.raises(WeightsError, match="not found: .*absent.pth"):
         load_pretrained_encoder(abstract_encoder(hf_config), tmp_path / "absent.pth")
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(WeightsError, match="no config.json"):
         from_hf_pretrained(tmp_path)
     # Neither kind: the message names the path and what is accepted.
     encoder = abstract_encoder(hf_config)  # the checks fail before anything is loaded into it
     (tmp_path / "weights.npz").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="unknown checkpoint kind: .*weights.npz; accepted: a PyTorch file"):
+    with pytest.raises(WeightsError, match="unknown checkpoint kind: .*weights.npz; accepted: a PyTorch file"):
         load_pretrained_encoder(encoder, tmp_path / "weights.npz")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match=r"empty is not a checkpoint directory .*state/ \+ model_config.json"):
+    with pytest.raises(WeightsError, match=r"empty is not a checkpoint directory .*state/ \+ model_config.json"):
         load_pretrained_encoder(encoder, tmp_path / "empty")
-    with pytest.raises(CheckpointError, match="empty is not a segmentor checkpoint directory"):
+    with pytest.raises(WeightsError, match="empty is not a segmentor checkpoint directory"):
         load_segmentor(tmp_path / "empty")
 
 
@@ -264,7 +264,7 @@ def test_wrong_layout_reports_missing_and_unexpected_keys(tmp_path):
     torch_model, hf_config = reference("encoder", "A")
     expected_keys = mmseg_layout(save_hf(torch_model, tmp_path / "hf"))
     torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.bias": torch.zeros(10)}, tmp_path / "resnet.pth")
-    with pytest.raises(CheckpointError) as error:
+    with pytest.raises(WeightsError) as error:
         load_pretrained_encoder(abstract_encoder(hf_config), tmp_path / "resnet.pth")
     message = str(error.value)
     assert "resnet.pth" in message
@@ -278,7 +278,7 @@ def test_shape_mismatch_and_strict_false(tmp_path, caplog):
     state = mmseg_layout(save_hf(torch_model, tmp_path / "hf"))
     torch.save(state, tmp_path / "mit.pth")
     wider = SegformerConfig(**(CONFIG_A | {"hidden_sizes": [16, 32, 48, 72]}))
-    with pytest.raises(CheckpointError) as error:
+    with pytest.raises(WeightsError) as error:
         load_pretrained_encoder(abstract_encoder(wider), tmp_path / "mit.pth")
     message = str(error.value)
     assert "mit.pth" in message and "shape mismatch" in message
@@ -289,7 +289,7 @@ def test_shape_mismatch_and_strict_false(tmp_path, caplog):
     state["extra.weight"] = torch.zeros(3)
     torch.save(state, tmp_path / "partial.pth")
     expected = r"(?s)partial\.pth.*1 missing: norm4\.weight.*1 unexpected: extra\.weight"
-    with pytest.raises(CheckpointError, match=expected):
+    with pytest.raises(WeightsError, match=expected):
         load_pretrained_encoder(abstract_encoder(hf_config), tmp_path / "partial.pth")
     encoder = abstract_encoder(hf_config)
     nnx.update(encoder, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), nnx.state(encoder)))

@@ -11,7 +11,7 @@ from t2s_jax.data.pipeline import (
     make_train_iterator,
     num_eval_examples,
 )
-from t2s_jax.data.sources import check_classes, class_list, class_names, ensure_prepared
+from t2s_jax.data.sources import DamagedDataError, check_classes, class_list, class_names, ensure_prepared
 
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "CITYSCAPES_PALETTE",
     "IGNORE_INDEX",
     "ClassList",
+    "DamagedDataError",
     "check_classes",
     "class_list",
     "class_names",

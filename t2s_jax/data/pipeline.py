@@ -55,7 +55,7 @@ class _TrainTransform:
         rare_class = None
         if self.rare_classes is not None:
             rare_class, index = self.rare_classes.draw(rng)
-        example = self.split.source[int(index)]
+        example = self.split[int(index)]
         image, label = example["image"], example["label"][..., 0]
         hw = transforms.fit_size(label.shape, self.resize_hw)
         image, label = transforms.resize_image(image, hw), transforms.resize_label(label, hw)
@@ -182,7 +182,7 @@ class _EvalLoad:
         batch_index, row = divmod(slot, self.batch)
         index = (batch_index * self.process_count + self.process_index) * self.batch + row
         valid = index < self.num_examples
-        example = self.split.source[index if valid else index % self.num_examples]
+        example = self.split[index if valid else index % self.num_examples]
         image, label = example["image"], example["label"][..., 0]
         image = transforms.resize_image(image, transforms.fit_size(image.shape[:2], self.resize_hw))
         if not valid:  # a stand-in with the shapes of a real image, scored nowhere

@@ -21,6 +21,18 @@ from t2s_jax.classes import CITYSCAPES, ClassList, generate_palette
 _SPLIT_ALIASES = {"val": "validation", "validation": "val"}
 
 
+class DamagedDataError(Exception):
+    """A prepared dataset whose files cannot be read back; the message names the dataset, the
+    split and the command that rebuilds it."""
+
+
+def prepare_command(name: str, data_dir: str, *, overwrite: bool = False) -> str:
+    """The `python -m data_pipelines.prepare` command that builds (or rebuilds) `name`."""
+    manual_dir = "" if name.partition("/")[0] == "synthetic_city" else f" --manual_dir=<the downloaded {name}>"
+    return (f"python -m data_pipelines.prepare --dataset={name}{manual_dir} --data_dir={data_dir}"
+            + (" --overwrite" if overwrite else ""))
+
+
 def ensure_prepared(name: str, data_dir: str) -> str:
     """Path of the prepared `name`; generates synthetic_city/* when missing.
 
@@ -42,8 +54,7 @@ def ensure_prepared(name: str, data_dir: str) -> str:
         return str(path)
     raise FileNotFoundError(
         f"dataset {name!r} is not prepared under {data_dir!r} (no {path}). Prepare it once with:\n"
-        f"  python -m data_pipelines.prepare --dataset={name} --manual_dir=<the downloaded {name}> "
-        f"--data_dir={data_dir}"
+        f"  {prepare_command(name, data_dir)}"
     )
 
 
@@ -64,14 +75,33 @@ def _split_name(builder: tfds.core.DatasetBuilder, name: str, split: str) -> str
 class Split:
     """One split of a prepared dataset: random access to its examples plus its statistics."""
 
-    name: str
+    dataset: str  # the config / `prepare` name, e.g. 'gta5'
+    split: str  # the stored split name, e.g. 'validation'
+    data_dir: str
     source: tfds.data_sources.ArrayRecordDataSource  # [i] -> {'image', 'label', 'file_name'}
     class_names: tuple[str, ...]
     class_pixels: np.ndarray  # (K,) labelled pixels per class over the split
     class_examples: tuple[np.ndarray, ...]  # per class: (n, 2) [example index, pixels of the class]
 
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}[{self.split}]"
+
     def __len__(self) -> int:
         return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        """Example `index`: {'image', 'label', 'file_name'}. Raises DamagedDataError for a
+        record damaged on disk (array_record checks a hash of every chunk it reads)."""
+        try:
+            return self.source[index]
+        except RuntimeError as error:  # "Corrupted Riegeli/records file: chunk data hash mismatch ..."
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise DamagedDataError(
+                f"dataset {self.dataset!r} split {self.split!r} under {self.data_dir!r} is damaged on disk "
+                f"(example {index}: {first_line}); rebuild it with: "
+                f"{prepare_command(self.dataset, self.data_dir, overwrite=True)}"
+            ) from error
 
 
 def open_split(name: str, split: str, data_dir: str) -> Split:
@@ -79,7 +109,9 @@ def open_split(name: str, split: str, data_dir: str) -> Split:
     split = _split_name(builder, name, split)
     stats = builder.info.metadata["splits"][split]
     return Split(
-        name=f"{name}[{split}]",
+        dataset=name,
+        split=split,
+        data_dir=data_dir,
         source=builder.as_data_source(split),
         class_names=tuple(builder.info.metadata["class_names"]),
         class_pixels=np.asarray(stats["class_pixels"], np.int64),

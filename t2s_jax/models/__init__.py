@@ -12,8 +12,8 @@ from t2s_jax.models.segmentor import (
     is_head_param,
 )
 from t2s_jax.models.weights import (
-    CheckpointError,
     LoadSummary,
+    WeightsError,
     count_parameters,
     from_hf_pretrained,
     is_converted_dir,
@@ -29,7 +29,6 @@ from t2s_jax.models.weights import (
 
 __all__ = [
     "BatchNorm",
-    "CheckpointError",
     "DAFormerHead",
     "LoadSummary",
     "MiT",
@@ -37,6 +36,7 @@ __all__ = [
     "SegFormerHead",
     "Segmentor",
     "SegmentorOutput",
+    "WeightsError",
     "build_encoder",
     "build_segmentor",
     "count_parameters",

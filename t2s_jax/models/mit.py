@@ -2,7 +2,7 @@
 
 Module names follow the SegFormer/mmseg layout (`patch_embed`, `blocks`, `attn.q`, `attn.kv`,
 `attn.sr`, `attn.norm`, `mlp.fc1`, `mlp.dwconv`, `mlp.fc2`, `norm1`, `norm2`, stage `norm`)
-so that weight import is a short table (see `weights.py`).
+so that weight import is a short table (see `weights/layouts.py`).
 
 Tokens are kept on their (B, H, W, C) grid throughout: Linear layers act on the last axis,
 and the MixFFN depthwise conv and the attention's spatial reduction need the grid anyway.
