@@ -1,7 +1,12 @@
 """The grain pipeline: determinism, sharding, resuming, aligned crops, rare class sampling, evaluation."""
 
+import glob
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +17,9 @@ from t2s_jax import data
 from t2s_jax.config import default_config
 from t2s_jax.classes import CITYSCAPES_PALETTE
 from t2s_jax.data import pipeline, rcs, sources, transforms
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny  # noqa: E402
 
 HW = (40, 56)
 NUM_TRAIN, NUM_VAL = 12, 7
@@ -391,3 +399,52 @@ def test_ensure_prepared_builds_synthetic_and_names_the_command_for_real_data(tm
         FileNotFoundError, match="python -m data_pipelines.prepare --dataset=gta5 --manual_dir="
     ):
         data.ensure_prepared("gta5", str(tmp_path))
+
+
+# ------------------------------------------------------------------------ damaged prepared data
+
+
+def damaged_copy(data_dir: str, destination: str) -> str:
+    """A copy of `data_dir` whose image_folder/coords train records each have 64 bytes flipped."""
+    shutil.copytree(data_dir, destination)
+    (path,) = glob.glob(f"{destination}/segmentation_folder/coords/*/segmentation_folder-train.array_record-*")
+    content = bytearray(open(path, "rb").read())
+    for start in range(128, len(content) - 64, 1024):  # every chunk: whichever example is read first
+        content[start : start + 64] = bytes(b ^ 0xFF for b in content[start : start + 64])
+    open(path, "wb").write(content)
+    sources._builder.cache_clear()
+    return destination
+
+
+DAMAGED = (
+    r"dataset 'image_folder/coords' split 'train' under '{data_dir}' is damaged on disk \(example \d+: "
+    r"Corrupted Riegeli/records file: .*\); rebuild it with: python -m data_pipelines.prepare "
+    r"--dataset=image_folder/coords --manual_dir=<the downloaded image_folder/coords> --data_dir={data_dir} --overwrite"
+)
+
+
+def test_a_damaged_record_names_the_dataset_and_the_command_even_from_a_worker(data_dir, tmp_path):
+    damaged = damaged_copy(data_dir, str(tmp_path / "tfds"))
+    config = config_for(damaged, num_workers=1)  # read in a grain worker process
+    iterator = data.make_train_iterator(config, seed=0, process_index=0, process_count=1)
+    with pytest.raises(data.DamagedDataError) as error:
+        next(iterator)
+    assert re.fullmatch(DAMAGED.format(data_dir=re.escape(damaged)), str(error.value))
+
+
+def test_a_run_on_damaged_data_stops_in_one_line(data_dir, tmp_path):
+    damaged = damaged_copy(data_dir, str(tmp_path / "tfds"))
+    overrides = {"data.source": "image_folder/coords", "data.target": "image_folder/coords",
+                 "data.eval_dataset": "image_folder/coords", "data.source_resize_hw": HW,
+                 "data.target_resize_hw": HW, "data.eval_resize_hw": HW, "data.crop_hw": (32, 32),
+                 "train.num_steps": 2}  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=tiny.xla_flags(1))
+    result = subprocess.run(
+        [sys.executable, "-m", "t2s_jax.main", f"--workdir={tmp_path / 'run'}",
+         *tiny.as_flags(damaged, "source_only", **overrides)],
+        cwd=tiny.REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch("error: " + DAMAGED.format(data_dir=re.escape(damaged)), last), result.stderr[-3000:]

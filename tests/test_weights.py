@@ -5,6 +5,7 @@ import functools
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from flax import nnx
 from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerModel
 
-from t2s_jax import checkpointing
+from t2s_jax import checkpointing, main
 from t2s_jax import config as config_lib
 from t2s_jax.models import (
     WeightsError,
@@ -33,6 +34,9 @@ from t2s_jax.models import (
     model_config_from_hf,
 )
 from t2s_jax.models.convert import convert_checkpoint
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny  # noqa: E402
 
 # Two shapes of the reference; inputs are non-square with sides that are not multiples of 32.
 CONFIG_A = dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 2, 1, 2], num_attention_heads=[1, 2, 3, 4],
@@ -258,6 +262,59 @@ def test_truncated_files_name_the_file(tmp_path):
         load_pretrained_encoder(encoder, tmp_path / "empty")
     with pytest.raises(WeightsError, match="empty is not a segmentor checkpoint directory"):
         load_segmentor(tmp_path / "empty")
+
+
+def _refusal(capsys, config, workdir, **run_options) -> str:
+    """The one line `main.run` refuses the command with (exit 2), after checking it left no workdir."""
+    with pytest.raises(SystemExit) as stop:
+        main.run(config, str(workdir), **run_options)
+    stderr = capsys.readouterr().err
+    assert stop.value.code == 2, stderr
+    assert "Traceback" not in stderr and stderr.count("\n") == 1, stderr
+    assert not os.path.exists(workdir)
+    return stderr.strip()
+
+
+def test_missing_or_garbage_pretrained_weights_are_refused_before_the_workdir(tmp_path, capsys):
+    (tmp_path / "garbage.pth").write_bytes(b"\x00not a checkpoint" * 64)
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x07\x00\x00\x00\x00\x00\x00\x00{bad}")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{not json")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    config = tiny.tiny_config(str(tmp_path / "no_data"))
+    workdir = tmp_path / "run"
+    refusals = {
+        "absent.pth": r"config.model.pretrained: checkpoint not found: .*absent.pth; accepted: a PyTorch file .*"
+                      r"mmseg MiT layout.*Hugging Face directory.*python -m t2s_jax.models.convert.*",
+        "garbage.pth": r"config.model.pretrained: cannot read PyTorch checkpoint .*garbage.pth with "
+                       r"torch.load\(weights_only=True\): .*; expected a state dict of tensors, e.g. .*mit_b5.pth",
+        "garbage.safetensors": r"config.model.pretrained: cannot read safetensors file .*garbage.safetensors: .*",
+    }
+    for name, expected in refusals.items():
+        config.model.pretrained = str(tmp_path / name)
+        assert re.fullmatch(f"error: {expected}", _refusal(capsys, config, workdir))
+    config.model.pretrained = ""
+    refusals = {
+        "absent": r"--pretrained: .*absent does not exist; expected a Hugging Face SegFormer directory .*"
+                  r"or a directory written by `python -m t2s_jax.models.convert`.*",
+        "garbage.pth": r"--pretrained: .*garbage.pth is not a segmentor checkpoint directory; expected .*",
+        "hf": r"--pretrained: cannot read .*hf/config.json: .*; expected a SegFormer config.json",
+    }
+    for name, expected in refusals.items():
+        line = _refusal(capsys, config, workdir, mode="eval", pretrained=str(tmp_path / name))
+        assert re.fullmatch(f"error: {expected}", line)
+
+
+def test_missing_pretrained_weights_on_the_command_line(tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "t2s_jax.main", f"--config={tiny.DEMO_CONFIG}", f"--workdir={workdir}",
+         f"--config.model.pretrained={tmp_path / 'mit_b5.pth'}", "--config.train.num_steps=2"],
+        cwd=tiny.REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: config.model.pretrained: checkpoint not found: {tmp_path}/mit_b5.pth;")
+    assert result.stderr.count("\n") == 1 and not os.path.exists(workdir)
 
 
 def test_wrong_layout_reports_missing_and_unexpected_keys(tmp_path):
