@@ -1,8 +1,10 @@
 """Offline preparation: every published layout, every bad case, every mapped pixel, the report."""
 
+import glob
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from t2s_jax import data, train
 from t2s_jax.classes import CITYSCAPES_CLASSES, generate_palette
 
 sys.path.insert(0, os.path.dirname(__file__))
+import dataset_trees  # noqa: E402
 import tiny  # noqa: E402
 
 # method.md section 1, typed again here so the test does not share the code's tables.
@@ -369,28 +372,93 @@ def test_bad_classes_txt_names_the_line(tmp_path, text, expected):
 @pytest.mark.parametrize(
     "dataset, make, expected",
     [
-        ("gta5", ["imgs/0.png"], "missing images, labels/.*images/00001.png"),
-        ("synthia", ["RGB/0.png", "GT/COLOR/0.png"], "missing GT/LABELS/.*16-bit PNG"),
-        ("cityscapes", ["leftImg8bit/train/x/a_leftImg8bit.png"], "missing gtFine/.*labelTrainIds"),
-        ("cityscapes", ["leftImg8bit/test/x/a.png", "gtFine/test/x/a.png"], "neither train/ nor val/"),
-        (
-            "image_folder",
-            ["images/train/a.png", "labels/train/a.png"],
-            "no classes.txt.*one class per line.*car 0 0 142",
-        ),
+        ("gta5", ["imgs/0.png"], r"missing images/, labels/; expected images/00001.png .*labels/00001.png"),
+        ("synthia", ["RGB/0.png", "GT/COLOR/0.png"], r"missing GT/LABELS/; expected RGB/.*16-bit PNG"),
+        ("cityscapes", ["leftImg8bit/train/x/a_leftImg8bit.png"], r"missing gtFine/; expected .*labelTrainIds"),
+        ("cityscapes", ["leftImg8bit/test/x/a.png", "gtFine/test/x/a.png"], r"neither train/ nor val/; expected"),
+        ("image_folder", ["images/train/a.png", "labels/train/a.png"], r"no classes.txt; expected .*'car 0 0 142'"),
+        ("gta5", ["images/0.png", "labels/1.png"], r"no image of split 'train' has a label of the same name"),
     ],
 )
 def test_wrong_layout_names_the_expected_one(tmp_path, dataset, make, expected):
     for relative in make:
         save_png(f"{tmp_path}/manual/{relative}", np.zeros((2, 2, 3), np.uint8))
-    with pytest.raises(builders.LayoutError, match=f"(?s){expected}"):
+    with pytest.raises(builders.LayoutError, match=expected) as error:
         prepare.prepare(dataset, f"{tmp_path}/tfds", f"{tmp_path}/manual")
-    assert not os.path.exists(builders.prepared_dir(dataset, f"{tmp_path}/tfds"))
+    assert "\n" not in str(error.value)
+    assert not os.path.exists(f"{tmp_path}/tfds")
 
 
 def test_missing_manual_dir_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="--manual_dir is required"):
+    with pytest.raises(builders.LayoutError, match="--manual_dir is required for gta5: the folder holding images/"):
         prepare.prepare("gta5", f"{tmp_path}/tfds", None)
+
+
+def _tree(root) -> dict[str, bytes | None]:
+    """Every path under `root` with its content (None for folders)."""
+    found = {}
+    for folder, _, files in os.walk(root):
+        found[os.path.relpath(folder, root)] = None
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                found[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return found
+
+
+def _unconvertible(root):
+    """Images and labels paired by name, none of them a PNG: found, but nothing converts."""
+    for kind in ("images", "labels"):
+        os.makedirs(f"{root}/{kind}")
+        with open(f"{root}/{kind}/00001.png", "wb") as f:
+            f.write(b"not a png at all")
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no_flag", r"--manual_dir is required for gta5: the folder holding images/00001.png .*"),
+        ("missing", r"--manual_dir=.*/absent is not a directory; expected images/00001.png .*"),
+        ("empty", r"--manual_dir=.*/manual is empty; expected images/00001.png .*"),
+        ("cityscapes_tree", r".*/manual is not a GTA5 directory: missing images/, labels/; expected images/00001.png .*"),
+        ("unconvertible", r"gta5 train: no file could be converted; first skipped: .*images/00001.png.*"),
+    ],
+)
+def test_prepare_refuses_a_bad_source_in_one_line_and_leaves_data_dir_as_it_was(tmp_path, case, expected):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    if case == "cityscapes_tree":
+        dataset_trees.write_cityscapes(str(manual), num_train=1, num_val=0)
+    elif case == "unconvertible":
+        _unconvertible(manual)
+    data_dir = tmp_path / "tfds"
+    if case != "missing":  # a data_dir in use stays exactly as it was; a new one is not created
+        dataset_trees.write_cityscapes(str(tmp_path / "other"), num_train=1, num_val=1)
+        prepare.prepare("cityscapes", str(data_dir), str(tmp_path / "other"))
+    before = _tree(data_dir)
+    flags = {"no_flag": [], "missing": [f"--manual_dir={tmp_path / 'absent'}"]}.get(case, [f"--manual_dir={manual}"])
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipelines.prepare", "--dataset=gta5", *flags, f"--data_dir={data_dir}",
+         "--num_workers=0"],
+        cwd=tiny.REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1, result.stderr[-3000:]
+    assert re.fullmatch(f"error: {expected}", result.stderr.strip().splitlines()[-1])
+    assert _tree(data_dir) == before
+
+
+def test_overwrite_rebuilds_a_prepared_dataset(gta5, tmp_path):
+    root, _, _ = gta5
+    data_dir = f"{tmp_path}/tfds"
+    prepare.prepare("gta5", data_dir, f"{root}/manual")
+    (path,) = glob.glob(f"{builders.prepared_dir('gta5', data_dir)}/gta5-train.array_record-*")
+    intact = open(path, "rb").read()
+    open(path, "wb").write(intact[:100])
+    prepare.prepare("gta5", data_dir, f"{root}/manual")  # prepared: left alone
+    assert len(open(path, "rb").read()) == 100
+    prepare.prepare("gta5", data_dir, f"{root}/manual", overwrite=True)
+    examples = tfds.builder_from_directory(str(builders.prepared_dir("gta5", data_dir))).as_data_source("train")
+    assert len(examples) == 5 and examples[0]["file_name"].decode() == "images/00000.png"
 
 
 # ------------------------------------------------------------------------ own classes end to end
