@@ -227,7 +227,9 @@ class Gta5(ManualSegmentationBuilder):
 
 SYNTHIA_LAYOUT = """  <manual_dir>/RGB/0000000.png ...         RGB frames (1280x760)
   <manual_dir>/GT/LABELS/0000000.png ...   16-bit PNG, class id in the first channel"""
-SYNTHIA_EXPECTED = "RGB/0000000.png ... (RGB frames) and GT/LABELS/0000000.png ... (16-bit PNG, class id in the first channel)"
+SYNTHIA_EXPECTED = (
+    "RGB/0000000.png ... (RGB frames) and GT/LABELS/0000000.png ... (16-bit PNG, class id in the first channel)"
+)
 
 
 class Synthia(ManualSegmentationBuilder):

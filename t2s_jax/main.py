@@ -227,7 +227,8 @@ def run(
     from t2s_jax import checkpointing, data, methods, parallel, train, workdir_lock
     from t2s_jax.models import weights
 
-    if problem := _method_problem(config, tuple(methods.PRESETS)) or _pretrained_problem(config, mode, pretrained):
+    problem = _method_problem(config, tuple(methods.PRESETS)) or _pretrained_problem(config, mode, pretrained)
+    if problem:
         _fail(problem, _USAGE_ERROR)
     if mode == "train":
         try:

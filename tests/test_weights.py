@@ -315,6 +315,15 @@ def test_missing_pretrained_weights_on_the_command_line(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.startswith(f"error: config.model.pretrained: checkpoint not found: {tmp_path}/mit_b5.pth;")
     assert result.stderr.count("\n") == 1 and not os.path.exists(workdir)
+    # The conversion command: the same one line, nothing written.
+    result = subprocess.run(
+        [sys.executable, "-m", "t2s_jax.models.convert", f"--checkpoint={tmp_path / 'mit_b5.pth'}",
+         f"--output={tmp_path / 'out'}", f"--config={tiny.DEMO_CONFIG}"],
+        cwd=tiny.REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: checkpoint not found: {tmp_path}/mit_b5.pth;"), result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1 and not os.path.exists(tmp_path / "out")
 
 
 def test_wrong_layout_reports_missing_and_unexpected_keys(tmp_path):

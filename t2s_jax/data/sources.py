@@ -83,10 +83,6 @@ class Split:
     class_pixels: np.ndarray  # (K,) labelled pixels per class over the split
     class_examples: tuple[np.ndarray, ...]  # per class: (n, 2) [example index, pixels of the class]
 
-    @property
-    def name(self) -> str:
-        return f"{self.dataset}[{self.split}]"
-
     def __len__(self) -> int:
         return len(self.source)
 

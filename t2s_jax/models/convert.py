@@ -12,6 +12,7 @@ as plain nested dicts) and `model_config.json` (the `config.model` the tree belo
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -30,6 +31,8 @@ def convert_checkpoint(
     if model_config is None:
         model, model_config, summary = weights.load_hf_pretrained(checkpoint)
     else:
+        if problem := weights.problem(checkpoint):  # before the segmentor is built
+            raise weights.WeightsError(problem)
         model_config = ml_collections.ConfigDict(model_config)
         model_config.pretrained = str(checkpoint)
         model = nnx.jit(lambda: build_segmentor(model_config, rngs=nnx.Rngs(0)))()
@@ -47,7 +50,11 @@ def convert_checkpoint(
 def main(argv: list[str]) -> None:
     del argv
     model_config = FLAGS.config.model if FLAGS.config is not None else None
-    summary = convert_checkpoint(FLAGS.checkpoint, FLAGS.output, model_config)
+    try:
+        summary = convert_checkpoint(FLAGS.checkpoint, FLAGS.output, model_config)
+    except weights.WeightsError as error:  # unreadable, or not fitting the model: nothing written
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     print(summary)
     print(f"wrote {Path(FLAGS.output).absolute() / 'state'}")
 
