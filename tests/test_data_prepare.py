@@ -413,17 +413,17 @@ def _unconvertible(root):
             f.write(b"not a png at all")
 
 
-@pytest.mark.parametrize(
-    "case, expected",
-    [
-        ("no_flag", r"--manual_dir is required for gta5: the folder holding images/00001.png .*"),
-        ("missing", r"--manual_dir=.*/absent is not a directory; expected images/00001.png .*"),
-        ("empty", r"--manual_dir=.*/manual is empty; expected images/00001.png .*"),
-        ("cityscapes_tree", r".*/manual is not a GTA5 directory: missing images/, labels/; expected images/.*"),
-        ("unconvertible", r"gta5 train: no file could be converted; first skipped: .*images/00001.png.*"),
-    ],
-)
-def test_prepare_refuses_a_bad_source_in_one_line_and_leaves_data_dir_as_it_was(tmp_path, case, expected):
+BAD_SOURCES = {
+    "no_flag": r"--manual_dir is required for gta5: the folder holding images/00001.png .*",
+    "missing": r"--manual_dir=.*/absent is not a directory; expected images/00001.png .*",
+    "empty": r"--manual_dir=.*/manual is empty; expected images/00001.png .*",
+    "cityscapes_tree": r".*/manual is not a GTA5 directory: missing images/, labels/; expected images/00001.png .*",
+    "unconvertible": r"gta5 train: no file could be converted; first skipped: .*images/00001.png.*",
+}
+
+
+@pytest.mark.parametrize("case", BAD_SOURCES)
+def test_prepare_refuses_a_bad_source_in_one_line_and_leaves_data_dir_as_it_was(tmp_path, case):
     manual = tmp_path / "manual"
     manual.mkdir()
     if case == "cityscapes_tree":
@@ -443,7 +443,7 @@ def test_prepare_refuses_a_bad_source_in_one_line_and_leaves_data_dir_as_it_was(
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1, result.stderr[-3000:]
-    assert re.fullmatch(f"error: {expected}", result.stderr.strip().splitlines()[-1])
+    assert re.fullmatch(f"error: {BAD_SOURCES[case]}", result.stderr.strip().splitlines()[-1])
     assert _tree(data_dir) == before
 
 
