@@ -1,6 +1,6 @@
 """Segmentation losses of the DAFormer step (method.md sections 3 and 4.2, 4.7).
 
-Logits are NHWC `(B, H, W, K)`; label maps `(B, H, W)` hold train ids with 255 = ignore.
+Logits are NHWC `(B, H, W, K)`; label maps `(B, H, W)` hold train ids with `IGNORE_INDEX` (255) = ignore.
 """
 
 from __future__ import annotations
@@ -8,17 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = 255
-
-
-def upsample_logits(logits: jax.Array, hw: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of `(B, h, w, K)` logits to `(B, *hw, K)`.
-
-    Matches PyTorch `F.interpolate(mode='bilinear', align_corners=False)` (half-pixel
-    centres); antialiasing is off so that shrinking matches it too.
-    """
-    batch, _, _, channels = logits.shape
-    return jax.image.resize(logits, (batch, *hw, channels), method="linear", antialias=False)
+from t2s_jax.classes import IGNORE_INDEX
+from t2s_jax.models.layers import resize_bilinear
 
 
 def cross_entropy(
@@ -51,4 +42,4 @@ def cross_entropy(
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """`cross_entropy` of stride-4 `(B, h, w, K)` logits upsampled to the `(B, H, W)` labels (mmseg)."""
-    return cross_entropy(upsample_logits(logits, labels.shape[1:3]), labels, weights=weights)
+    return cross_entropy(resize_bilinear(logits, labels.shape[1:3]), labels, weights=weights)
