@@ -1,4 +1,4 @@
-"""Evaluation (method.md section 6): inference, a dataset-level confusion matrix, mIoU.
+"""Evaluation (method.md section 8): inference, a dataset-level confusion matrix, mIoU.
 
 The student runs in inference mode (BN running statistics, no dropout) on whole images
 or on a sliding window grid; logits are upsampled bilinearly to the label size and

@@ -1,4 +1,4 @@
-"""Segmentation losses of the DAFormer step (method.md sections 3 and 4.2, 4.7).
+"""Segmentation losses of the DAFormer step (method.md 4.2 and 4.5–4.7).
 
 Logits are NHWC `(B, H, W, K)`; label maps `(B, H, W)` hold train ids with `IGNORE_INDEX` (255) = ignore.
 """
@@ -22,7 +22,7 @@ def cross_entropy(
     """Per-pixel softmax cross-entropy, averaged over ALL `B*H*W` pixels (mmseg / DAFormer).
 
     Ignored pixels add 0 to the sum but still count in the mean; `weights` `(B, H, W)`
-    scales each pixel's term (the mixed loss's pseudo-label weight, method.md 4.5).
+    scales each pixel's term (the mixed loss's pseudo-label weight, method.md 4.5–4.7).
     Computed in float32 whatever the logits' dtype. A label outside `[0, K)` other than
     `ignore_index` yields NaN, so a bad label map cannot train silently.
     """

@@ -1,4 +1,4 @@
-"""t2s_jax.losses against PyTorch (method.md sections 3 and 4.2)."""
+"""t2s_jax.losses against PyTorch (method.md 4.2 and 4.5–4.7)."""
 
 import jax
 import jax.numpy as jnp
