@@ -336,8 +336,8 @@ def format_comparison(rows: list[BenchRow], torch_rows: list) -> list[str]:
             continue
         lines.append(
             f"source-only step, {row.dtype}, attention {row.options['attention_impl']}: t2s_jax {row.step_ms:.1f} ms "
-            f"on {row.devices} x {row.device_kind}, PyTorch {reference.step_ms:.1f} ms on {reference.device} "
-            f"({reference.step_ms / row.step_ms:.2f}x)"
+            f"on {row.devices} x {row.device_kind}, PyTorch {reference.step_ms:.1f} ms on {reference.device}: "
+            f"PyTorch / t2s_jax = {reference.step_ms / row.step_ms:.2f}"
         )
     return lines
 
@@ -347,7 +347,9 @@ def _import_torch_reference():
     try:
         return importlib.import_module("t2s_jax.bench_torch")
     except ImportError as error:
-        raise app.UsageError(f"--torch_reference needs torch and transformers installed ({error})") from None
+        raise app.UsageError(
+            f"--torch_reference needs torch and transformers (pip install -e '.[torch_reference]'): {error}"
+        ) from None
 
 
 def describe_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:

@@ -45,7 +45,9 @@ def test_command_prints_its_table_and_the_pytorch_reference_and_writes_json(tmp_
     assert table[3].startswith("| PyTorch pass |")
     assert table[5].startswith("| train step | float32 | cpu | 2 |")
     assert table[6].startswith("| teacher forward | float32 | cpu | 2 |")
-    assert "source-only step, float32, attention xla: t2s_jax" in completed.stdout
+    (comparison,) = [line for line in completed.stdout.splitlines() if line.startswith("source-only step")]
+    assert comparison.startswith("source-only step, float32, attention xla: t2s_jax")
+    assert "PyTorch / t2s_jax = " in comparison
 
     report = json.loads(json_path.read_text())
     assert report["setup"]["backend"] == "cpu" and report["setup"]["crop_hw"] == [64, 64]
