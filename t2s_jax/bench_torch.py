@@ -66,18 +66,12 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, dilatio
 
 
 class DAFormerHead(nn.Module):
-    """DAFormer's head (`fusion_cfg=dict(type='aspp', sep=True)`) over NCHW stage outputs."""
+    """DAFormer's head (`fusion_cfg=dict(type='aspp', sep=True)`) of `config.model`, over NCHW stage outputs."""
 
-    def __init__(
-        self,
-        in_channels: Sequence[int],
-        *,
-        channels: int,
-        num_classes: int,
-        aspp_dilations: Sequence[int],
-        dropout_rate: float,
-    ):
+    def __init__(self, model_config: ml_collections.ConfigDict):
         super().__init__()
+        in_channels, channels = model_config.encoder.embed_dims, model_config.head_channels
+        aspp_dilations = model_config.aspp_dilations
         concat = channels * len(in_channels)
         self.embed = nn.ModuleList(nn.Linear(width, channels) for width in in_channels)
         self.aspp_1x1 = _conv_bn_relu(concat, channels, 1)
@@ -86,8 +80,8 @@ class DAFormerHead(nn.Module):
             for dilation in aspp_dilations
         )
         self.bottleneck = _conv_bn_relu(channels * (1 + len(aspp_dilations)), channels, 3)
-        self.dropout = nn.Dropout2d(dropout_rate)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.dropout = nn.Dropout2d(model_config.dropout_rate)
+        self.classifier = nn.Conv2d(channels, model_config.num_classes, 1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[2:]
@@ -122,10 +116,7 @@ class Segmentor(nn.Module):
         )
         self.encoder = SegformerModel(hf_config)
         if model_config.head == "daformer":
-            self.decode_head = DAFormerHead(
-                encoder.embed_dims, channels=model_config.head_channels, num_classes=model_config.num_classes,
-                aspp_dilations=model_config.aspp_dilations, dropout_rate=model_config.dropout_rate,
-            )  # fmt: skip
+            self.decode_head = DAFormerHead(model_config)
         elif model_config.head == "segformer":
             self.decode_head = SegformerDecodeHead(hf_config)
         else:
