@@ -2,8 +2,12 @@ r"""Step benchmark: compile time, first step, step time, images/s, TFLOP/s and p
 
   python -m t2s_jax.bench --config=configs/gta_cs_daformer.py \
       --methods=source_only,daformer,t2s --dtypes=float32,bfloat16 --steps=50 --json=bench.json
+  # on a GPU: both attention implementations, and the same model in PyTorch side by side
+  python -m t2s_jax.bench --config=configs/gta_cs_daformer.py --dtypes=bfloat16 \
+      --attention=cudnn,xla --torch_reference
 
-Config overrides work as in `t2s_jax.main` (`--config.data.crop_hw="(64,64)"`). Each row
+Config overrides work as in `t2s_jax.main` (`--config.data.crop_hw="(64,64)"`). One row per
+(method, dtype, attention implementation). Each row
 builds the training step exactly as the loop does (`train.create_train_state`,
 `train.jit_train_step`: same shardings, same donation) and feeds it one synthetic batch
 of the config's shapes (random uint8 images, blocky random labels over all classes), so
@@ -20,11 +24,17 @@ loop bodies XLA counts once); memory = the devices' peak bytes in use
 where the backend reports it (GPU, TPU; process-wide, so run one row per process for
 per-row peaks), else the compiled step's footprint (arguments + outputs + temporaries -
 donated aliases) from `memory_analysis()`.
+
+`--torch_reference` then times the same model in PyTorch on one device (`bench_torch`: a
+source-only train step as mmseg runs it, and a teacher forward, per dtype) on the rows'
+source images, prints its table and, for each dtype with a source-only row, the ratio of
+the two source-only steps. It needs `torch` and `transformers`, imported only then.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import statistics
 import time
@@ -38,7 +48,8 @@ from flax import nnx
 from ml_collections import config_flags
 
 from t2s_jax import methods, parallel, steps, train
-from t2s_jax.models import build_segmentor, layers
+from t2s_jax.classes import IGNORE_INDEX
+from t2s_jax.models import build_segmentor, layers, mit
 from t2s_jax.optim import make_optimizer
 
 
@@ -46,7 +57,6 @@ from t2s_jax.optim import make_optimizer
 # distance cells and class prototypes of the pulling loss see realistic, non-degenerate input.
 _LABEL_BLOCK = 32
 _IGNORE_SHARE = 0.05
-_IGNORE_INDEX = 255
 
 
 @dataclasses.dataclass
@@ -94,7 +104,7 @@ def synthetic_host_batch(
     def labels() -> np.ndarray:
         blocks = (batch, -(-height // _LABEL_BLOCK), -(-width // _LABEL_BLOCK))
         coarse = rng.integers(0, num_classes, blocks, dtype=np.uint8)
-        coarse[rng.random(blocks) < _IGNORE_SHARE] = _IGNORE_INDEX
+        coarse[rng.random(blocks) < _IGNORE_SHARE] = IGNORE_INDEX
         fine = coarse.repeat(_LABEL_BLOCK, axis=1).repeat(_LABEL_BLOCK, axis=2)
         return np.ascontiguousarray(fine[:, :height, :width])
 
@@ -106,8 +116,11 @@ def synthetic_host_batch(
     return host_batch
 
 
-def row_config(config: ml_collections.ConfigDict, method: str, dtype: str) -> ml_collections.ConfigDict:
-    """`config` with `method` and compute `dtype`, and no pretrained weights to read."""
+def row_config(
+    config: ml_collections.ConfigDict, method: str, dtype: str, attention_impl: str | None = None
+) -> ml_collections.ConfigDict:
+    """`config` with `method`, compute `dtype` and `attention_impl` (None: the config's), and no
+    pretrained weights to read."""
     if method not in methods.PRESETS:
         raise ValueError(f"--methods: unknown method {method!r}; expected some of {tuple(methods.PRESETS)}")
     if dtype not in layers.DTYPES:
@@ -115,6 +128,12 @@ def row_config(config: ml_collections.ConfigDict, method: str, dtype: str) -> ml
     row = methods.with_method(config, method)  # the rules a config file of that method follows
     row.model.dtype = dtype
     row.model.pretrained = ""
+    if attention_impl is not None:
+        try:
+            mit.attention_implementation(attention_impl)
+        except ValueError as error:
+            raise ValueError(f"--attention: {error}") from None
+        row.model.attention_impl = attention_impl
     return row
 
 
@@ -289,21 +308,48 @@ def _format(value: float, spec: str) -> str:
 def format_table(rows: list[BenchRow]) -> str:
     """The rows as one markdown table."""
     lines = [
-        "| method | dtype | compile (s) | first step (s) | step (ms, median) | images/s "
+        "| method | dtype | attention | compile (s) | first step (s) | step (ms, median) | images/s "
         "| GFLOP/step (model) | TFLOP/s (model) | TFLOP/s (compiled) | peak memory |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         memory_kind = "device peak" if row.memory_source.startswith("device") else "compiled est."
         scanned = "*" if row.options["scan_blocks"] else ""
         lines.append(
-            f"| {row.method} | {row.dtype} | {row.compile_s:.1f} | {_format(row.first_step_s, '.1f')} "
+            f"| {row.method} | {row.dtype} | {row.options['attention_impl']} | {row.compile_s:.1f} "
+            f"| {_format(row.first_step_s, '.1f')} "
             f"| {_format(row.step_ms, '.1f')} | {_format(row.images_per_s, '.2f')} "
             f"| {row.model_flops / 1e9:.1f} | {_format(row.model_tflops_per_s, '.3f')} "
             f"| {_format(row.compiled_tflops_per_s, '.3f')}{scanned} "
             f"| {_format_bytes(row.memory_bytes)} ({memory_kind}) |"
         )
     return "\n".join(lines)
+
+
+def format_comparison(rows: list[BenchRow], torch_rows: list) -> list[str]:
+    """One line per source-only row with a PyTorch train step of its dtype: the ratio of the steps."""
+    torch_steps = {row.dtype: row for row in torch_rows if row.pass_name == "train step"}
+    lines = []
+    for row in rows:
+        reference = torch_steps.get(row.dtype)
+        if row.method != "source_only" or reference is None or np.isnan(row.step_ms):
+            continue
+        lines.append(
+            f"source-only step, {row.dtype}, attention {row.options['attention_impl']}: t2s_jax {row.step_ms:.1f} ms "
+            f"on {row.devices} x {row.device_kind}, PyTorch {reference.step_ms:.1f} ms on {reference.device}: "
+            f"PyTorch / t2s_jax = {reference.step_ms / row.step_ms:.2f}"
+        )
+    return lines
+
+
+def _import_torch_reference():
+    """`t2s_jax.bench_torch`, or a one-line usage error when PyTorch or transformers is missing."""
+    try:
+        return importlib.import_module("t2s_jax.bench_torch")
+    except ImportError as error:
+        raise app.UsageError(
+            f"--torch_reference needs torch and transformers (pip install -e '.[torch_reference]'): {error}"
+        ) from None
 
 
 def describe_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:
@@ -322,16 +368,22 @@ def describe_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -
 
 
 def _define_flags() -> None:
-    """The command's flags, defined only when it runs: importing this module (the tests, the
-    GPU benchmark) must not claim `--config`, which `t2s_jax.main` defines too."""
+    """The command's flags, defined only when it runs: importing this module (the tests) must
+    not claim `--config`, which `t2s_jax.main` defines too."""
     config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.", lock_config=True)
     flags.DEFINE_list("methods", ["source_only", "daformer", "t2s"], "Methods to time (config.method presets).")
     flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to time (config.model.dtype values).")
+    flags.DEFINE_list(
+        "attention", [], "config.model.attention_impl values to time, one row each (e.g. cudnn,xla); none: the config's."
+    )
     flags.DEFINE_integer(
         "steps", 50, "Timed steps per row (the median is reported); 0 = compile and analyse only, run nothing."
     )
     flags.DEFINE_integer("warmup", 3, "Untimed steps after the first one.")
     flags.DEFINE_string("json", "", "Also write the rows as JSON to this path.")
+    flags.DEFINE_bool(
+        "torch_reference", False, "Also time the same model in PyTorch (t2s_jax.bench_torch; needs torch, transformers)."
+    )
     flags.mark_flags_as_required(["config"])
 
 
@@ -340,7 +392,19 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     options = flags.FLAGS
     config = options.config
-    row_configs = [row_config(config, m, d) for m in options.methods for d in options.dtypes]
+    if options.torch_reference and options.steps <= 0:
+        raise app.UsageError("--torch_reference times steps: it needs --steps > 0")
+    bench_torch = _import_torch_reference() if options.torch_reference else None
+    attention_impls = options.attention or [None]
+    row_configs = [
+        row_config(config, m, d, a) for m in options.methods for d in options.dtypes for a in attention_impls
+    ]
+    torch_rows = []
+    if bench_torch is not None:  # first: it returns the accelerator's memory before JAX reserves its share
+        host_batch = synthetic_host_batch(config.data, config.model.num_classes, seed=config.seed)
+        torch_rows = bench_torch.benchmark(config, host_batch, options.dtypes, steps=options.steps, warmup=options.warmup)
+        for row in torch_rows:
+            print(f"PyTorch {row.pass_name} {row.dtype}: {row.step_ms:.1f} ms", flush=True)
     mesh = parallel.make_mesh(config.num_devices)
     setup = describe_setup(config, mesh)
     rows = []
@@ -349,9 +413,14 @@ def main(argv: list[str]) -> None:
         print(f"{run_config.method} {run_config.model.dtype}: {rows[-1].step_ms:.1f} ms/step", flush=True)
     print(", ".join(f"{k}: {v}" for k, v in setup.items()))
     print(format_table(rows), flush=True)
+    if torch_rows:
+        print(bench_torch.format_table(torch_rows))
+        print("\n".join(format_comparison(rows, torch_rows)), flush=True)
     if options.json and jax.process_index() == 0:
+        report = {"setup": setup, "rows": [dataclasses.asdict(r) for r in rows]}
+        report["torch_rows"] = [dataclasses.asdict(r) for r in torch_rows]
         with open(options.json, "w") as f:
-            json.dump({"setup": setup, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=2)
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Evaluation (method.md section 6): inference, a dataset-level confusion matrix, mIoU.
+"""Evaluation (method.md section 8): inference, a dataset-level confusion matrix, mIoU.
 
 The student runs in inference mode (BN running statistics, no dropout) on whole images
 or on a sliding window grid; logits are upsampled bilinearly to the label size and
@@ -27,6 +27,7 @@ from PIL import Image
 from t2s_jax.classes import (
     CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX, SYNTHIA13_CLASS_IDS, SYNTHIA16_CLASS_IDS, colorize,
 )  # fmt: skip
+from t2s_jax.models.layers import resize_bilinear
 from t2s_jax.parallel import data_sharded, global_batch, replicated, to_host
 from t2s_jax.uda.normalize import normalize
 
@@ -106,21 +107,6 @@ def summarize(confusion: np.ndarray, class_names: Sequence[str]) -> dict[str, An
 
 
 # ------------------------------------------------------------------ inference
-
-
-def resize_bilinear(x: jax.Array, size_hw: tuple[int, int]) -> jax.Array:
-    """(B, h, w, C) -> (B, H, W, C) like PyTorch `interpolate(bilinear, align_corners=False)`.
-
-    No antialiasing (`jax.image.resize` antialiases when shrinking; PyTorch does not).
-    """
-    size_hw = tuple(size_hw)
-    if x.shape[1:3] == size_hw:
-        return x
-    height, width = x.shape[1:3]
-    scale = jnp.array([size_hw[0] / height, size_hw[1] / width], jnp.float32)
-    return jax.image.scale_and_translate(
-        x, (x.shape[0], *size_hw, x.shape[3]), (1, 2), scale, jnp.zeros(2, jnp.float32), "linear", antialias=False
-    )
 
 
 def slide_windows(

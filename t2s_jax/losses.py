@@ -1,6 +1,6 @@
-"""Segmentation losses of the DAFormer step (method.md sections 3 and 4.2, 4.7).
+"""Segmentation losses of the DAFormer step (method.md 4.2 and 4.5–4.7).
 
-Logits are NHWC `(B, H, W, K)`; label maps `(B, H, W)` hold train ids with 255 = ignore.
+Logits are NHWC `(B, H, W, K)`; label maps `(B, H, W)` hold train ids with `IGNORE_INDEX` (255) = ignore.
 """
 
 from __future__ import annotations
@@ -8,17 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = 255
-
-
-def upsample_logits(logits: jax.Array, hw: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of `(B, h, w, K)` logits to `(B, *hw, K)`.
-
-    Matches PyTorch `F.interpolate(mode='bilinear', align_corners=False)` (half-pixel
-    centres); antialiasing is off so that shrinking matches it too.
-    """
-    batch, _, _, channels = logits.shape
-    return jax.image.resize(logits, (batch, *hw, channels), method="linear", antialias=False)
+from t2s_jax.classes import IGNORE_INDEX
+from t2s_jax.models.layers import resize_bilinear
 
 
 def cross_entropy(
@@ -31,7 +22,7 @@ def cross_entropy(
     """Per-pixel softmax cross-entropy, averaged over ALL `B*H*W` pixels (mmseg / DAFormer).
 
     Ignored pixels add 0 to the sum but still count in the mean; `weights` `(B, H, W)`
-    scales each pixel's term (the mixed loss's pseudo-label weight, method.md 4.5).
+    scales each pixel's term (the mixed loss's pseudo-label weight, method.md 4.5–4.7).
     Computed in float32 whatever the logits' dtype. A label outside `[0, K)` other than
     `ignore_index` yields NaN, so a bad label map cannot train silently.
     """
@@ -51,4 +42,4 @@ def cross_entropy(
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """`cross_entropy` of stride-4 `(B, h, w, K)` logits upsampled to the `(B, H, W)` labels (mmseg)."""
-    return cross_entropy(upsample_logits(logits, labels.shape[1:3]), labels, weights=weights)
+    return cross_entropy(resize_bilinear(logits, labels.shape[1:3]), labels, weights=weights)

@@ -25,8 +25,9 @@ import ml_collections
 import optax
 from flax import nnx
 
-from t2s_jax import losses, methods
-from t2s_jax.models import SegmentorOutput, stack_passes, unstack_passes
+from t2s_jax import methods
+from t2s_jax.classes import IGNORE_INDEX
+from t2s_jax.models import SegmentorOutput, resize_bilinear, stack_passes, unstack_passes
 from t2s_jax.optim import learning_rate_schedule
 from t2s_jax.uda import ema, normalize, pseudo_labels
 from t2s_jax.uda.term import Metrics, PseudoLabels, StepContext, Term
@@ -107,7 +108,7 @@ def _forward(graphdef, params, batch_stats, passes: dict[str, jax.Array], *, tra
 def _pseudo_label_accuracy(pseudo_label: jax.Array, target_label: jax.Array) -> jax.Array:
     """Monitoring only: agreement of pseudo-labels with the target labels where those exist."""
     target_label = target_label.astype(jnp.int32)
-    valid = target_label != 255
+    valid = target_label != IGNORE_INDEX
     correct = jnp.sum((pseudo_label == target_label) & valid)
     return correct / jnp.maximum(jnp.sum(valid), 1)
 
@@ -163,7 +164,7 @@ def make_train_step(
         if needs_pseudo_labels:
             logits = teacher["target"].logits
             pseudo = PseudoLabels(*pseudo_labels.pseudo_labels(
-                losses.upsample_logits(logits, target_image.shape[1:3]),
+                resize_bilinear(logits, target_image.shape[1:3]),
                 threshold=uda.pseudo_threshold, ignore_top=uda.pseudo_ignore_top,
                 ignore_bottom=uda.pseudo_ignore_bottom,
             ))  # fmt: skip

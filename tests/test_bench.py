@@ -1,4 +1,5 @@
-"""The step benchmark: its command line, table and JSON, synthetic batches and FLOP counts."""
+"""The step benchmark: its command line, table and JSON, synthetic batches, FLOP counts and the
+PyTorch reference beside it."""
 
 import json
 import math
@@ -10,16 +11,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+
+from flax import nnx
 
 from data_pipelines import bench as data_bench
-from t2s_jax import bench, parallel, train
+from t2s_jax import bench, bench_torch, parallel, train
 from t2s_jax.config import default_config
+from t2s_jax.models import build_segmentor, count_parameters
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
 
 
-def test_command_prints_one_table_and_writes_json(tmp_path):
+def test_command_prints_its_table_and_the_pytorch_reference_and_writes_json(tmp_path):
     json_path = tmp_path / "bench.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=tiny.REPO)
     env["XLA_FLAGS"] = (
@@ -28,15 +33,21 @@ def test_command_prints_one_table_and_writes_json(tmp_path):
     )
     completed = subprocess.run(
         [sys.executable, "-m", "t2s_jax.bench", f"--config={tiny.DEMO_CONFIG}",
-         '--config.data.crop_hw=(64, 64)', "--methods=source_only", "--dtypes=float32",
-         "--steps=2", "--warmup=1", f"--json={json_path}"],
+         '--config.data.crop_hw=(64, 64)', "--methods=source_only", "--dtypes=float32", "--attention=xla",
+         "--steps=2", "--warmup=1", "--torch_reference", f"--json={json_path}"],
         env=env, cwd=tiny.REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     table = [line for line in completed.stdout.splitlines() if line.startswith("|")]
-    assert len(table) == 3  # header, rule, one row
+    assert len(table) == 3 + 4  # header, rule, one row; then PyTorch's header, rule and two passes
     assert "compile (s)" in table[0] and "TFLOP/s (model)" in table[0] and "peak memory" in table[0]
-    assert table[2].startswith("| source_only | float32 |") and "(compiled est.)" in table[2]
+    assert table[2].startswith("| source_only | float32 | xla |") and "(compiled est.)" in table[2]
+    assert table[3].startswith("| PyTorch pass |")
+    assert table[5].startswith("| train step | float32 | cpu | 2 |")
+    assert table[6].startswith("| teacher forward | float32 | cpu | 2 |")
+    (comparison,) = [line for line in completed.stdout.splitlines() if line.startswith("source-only step")]
+    assert comparison.startswith("source-only step, float32, attention xla: t2s_jax")
+    assert "PyTorch / t2s_jax = " in comparison
 
     report = json.loads(json_path.read_text())
     assert report["setup"]["backend"] == "cpu" and report["setup"]["crop_hw"] == [64, 64]
@@ -53,6 +64,45 @@ def test_command_prints_one_table_and_writes_json(tmp_path):
     assert row["memory_bytes"] == memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
     assert memory["alias"] > 0  # the donated state is updated in place
     assert math.isfinite(row["final_loss"])
+    assert row["options"]["attention_impl"] == "xla"
+
+    train_step, teacher_forward = report["torch_rows"]
+    assert (train_step["pass_name"], train_step["batch"], train_step["crop_hw"]) == ("train step", 2, [64, 64])
+    assert teacher_forward["pass_name"] == "teacher forward" and teacher_forward["peak_memory_bytes"] is None
+    assert all(r["step_ms"] > 0 and r["first_step_s"] > 0 for r in report["torch_rows"])
+    assert 0 < train_step["final_value"] < 2 * math.log(19)  # a finite cross-entropy, ln K at random init
+    assert 1 / 19 < teacher_forward["final_value"] < 1  # mean top-1 softmax confidence
+
+
+@pytest.mark.parametrize("head", ["daformer", "segformer"])
+def test_pytorch_reference_model_has_the_segmentors_parameters(tmp_path, head):
+    config = tiny.tiny_config(str(tmp_path), "source_only", **{"model.head": head})
+    config.model.projector.enabled = False
+    ours = nnx.eval_shape(lambda: build_segmentor(config.model, rngs=nnx.Rngs(0)))
+    with torch.device("meta"):
+        reference = bench_torch.Segmentor(config.model)
+    assert sum(p.numel() for p in reference.parameters()) == count_parameters(ours)
+    assert sum(p.numel() for p in reference.encoder.parameters()) == count_parameters(ours.encoder)
+
+
+def test_pytorch_reference_optimizer_has_mmsegs_groups(tmp_path):
+    config = tiny.tiny_config(str(tmp_path), "source_only")
+    with torch.device("meta"):
+        model = bench_torch.Segmentor(config.model)
+    rest, norms, head = bench_torch.mmseg_adamw(model, config.optim).param_groups
+    assert head["lr"] == pytest.approx(10 * rest["lr"]) and rest["lr"] == config.optim.learning_rate
+    assert norms["weight_decay"] == 0.0 and rest["weight_decay"] == head["weight_decay"] == 0.01
+    named = dict(model.named_parameters())
+    assert {id(p) for p in head["params"]} == {id(p) for n, p in named.items() if n.startswith("decode_head.")}
+    assert all(p.dim() == 1 for p in norms["params"])  # LayerNorm scales and biases
+    assert len(rest["params"]) + len(norms["params"]) + len(head["params"]) == len(named)
+
+
+def test_pytorch_reference_missing_torch_is_one_usage_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    monkeypatch.delitem(sys.modules, "t2s_jax.bench_torch")
+    with pytest.raises(bench.app.UsageError, match="--torch_reference needs torch and transformers"):
+        bench._import_torch_reference()
 
 
 def test_synthetic_batch_has_the_pipelines_layout_and_splits_by_process(tmp_path):
@@ -114,7 +164,7 @@ def test_table_marks_compile_only_rows_and_scanned_counts():
         options={"scan_blocks": True, "remat": "dots_no_batch", "attention_impl": "default"},
     )  # fmt: skip
     line = bench.format_table([row]).splitlines()[2]
-    assert line == "| t2s | bfloat16 | 46.0 | – | – | – | 6860.0 | – | –* | 31.00 GiB (compiled est.) |"
+    assert line == "| t2s | bfloat16 | default | 46.0 | – | – | – | 6860.0 | – | –* | 31.00 GiB (compiled est.) |"
 
 
 def test_unknown_method_or_dtype_is_named(tmp_path):
@@ -123,8 +173,12 @@ def test_unknown_method_or_dtype_is_named(tmp_path):
         bench.row_config(config, "dacs", "float32")
     with pytest.raises(ValueError, match="'float16'"):
         bench.row_config(config, "t2s", "float16")
+    with pytest.raises(ValueError, match="--attention: unknown attention_impl 'flash'"):
+        bench.row_config(config, "t2s", "float32", "flash")
     row = bench.row_config(config, "daformer", "bfloat16")
     assert (row.method, row.model.dtype, row.model.pretrained) == ("daformer", "bfloat16", "")
+    assert row.model.attention_impl == config.model.attention_impl
+    assert bench.row_config(config, "daformer", "bfloat16", "cudnn").model.attention_impl == "cudnn"
     assert config.method == "t2s"  # the base config is left alone
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: confusion, mIoU against the Cityscapes scripts' formula, whole / slide inference,
+"""Evaluation: confusion, mIoU against cityscapesscripts' own evaluation, whole / slide inference,
 the sharded eval step, the evaluation loop and its outputs."""
 
 import json
@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cityscapes_eval
+from cityscapesscripts.helpers.labels import trainId2label
 from flax import nnx
 from PIL import Image
 
 from t2s_jax import evaluate, parallel
 from t2s_jax.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
+from t2s_jax.models.layers import resize_bilinear
 
 K = 19
 # method.md section 2, written out here rather than imported: the eval step must normalise like this.
@@ -33,28 +36,26 @@ def _numpy_confusion(predictions, labels, num_classes, valid=None):
     return confusion
 
 
-def _cityscapes_iou(predictions, labels, num_classes):
-    """cityscapesscripts evalPixelLevelSemanticLabeling: dataset-level TP, FP, FN per class,
-    IoU = TP / (TP + FP + FN), nan when the denominator is 0 (excluded from the mean)."""
-    tp = np.zeros(num_classes)
-    fp = np.zeros(num_classes)
-    fn = np.zeros(num_classes)
-    for label, prediction in zip(labels, predictions):
-        evaluated = label != 255
-        for c in range(num_classes):
-            tp[c] += np.sum(evaluated & (label == c) & (prediction == c))
-            fp[c] += np.sum(evaluated & (label != c) & (prediction == c))
-            fn[c] += np.sum(evaluated & (label == c) & (prediction != c))
-    scores = []
-    for c in range(num_classes):
-        denominator = tp[c] + fp[c] + fn[c]
-        scores.append(float("nan") if denominator == 0 else tp[c] / denominator)
-    return scores
+def _cityscapes_scripts_iou(directory, predictions, labels):
+    """Per-class IoU in train-id order, by cityscapesscripts' own pixel-level evaluation
+    (`evaluatePair` on label-id PNGs, then `getIouScoreForLabel`) of train-id maps."""
+    to_label_id = np.zeros(256, np.uint8)  # 255 -> 0, 'unlabeled': ignored in the evaluation
+    to_label_id[:K] = [trainId2label[train_id].id for train_id in range(K)]
+    args = cityscapes_eval.CArgs()  # its own settings object, not the module's global one
+    args.evalInstLevelScore, args.evalPixelAccuracy = False, False
+    confusion = cityscapes_eval.generateMatrix(args)
+    for index, (prediction, label) in enumerate(zip(predictions, labels)):
+        prediction_path = str(directory / f"{index}_prediction.png")
+        label_path = str(directory / f"{index}_gtFine_labelIds.png")
+        Image.fromarray(to_label_id[prediction]).save(prediction_path)
+        Image.fromarray(to_label_id[label]).save(label_path)
+        cityscapes_eval.evaluatePair(prediction_path, label_path, confusion, {}, {}, args)
+    return [cityscapes_eval.getIouScoreForLabel(trainId2label[c].id, confusion, args) for c in range(K)]
 
 
-def _mean_of_present(scores, class_ids):
-    present = [scores[c] for c in class_ids if not np.isnan(scores[c])]
-    return sum(present) / len(present)
+def _cityscapes_scripts_mean(scores, class_ids):
+    """cityscapesscripts' average over the classes with a score (nan left out)."""
+    return cityscapes_eval.getScoreAverage({c: scores[c] for c in class_ids}, None)
 
 
 def _random_dataset(seed, num_images=3, size=(12, 16)):
@@ -78,22 +79,22 @@ def test_confusion_on_device_equals_numpy():
     np.testing.assert_array_equal(confusion, _numpy_confusion(predictions, labels, K, valid))
 
 
-def test_miou_agrees_with_the_cityscapes_formula():
+def test_miou_agrees_with_cityscapes_scripts(tmp_path):
     predictions, labels = _random_dataset(1)
     confusion = evaluate.confusion_matrix(jnp.asarray(predictions), jnp.asarray(labels), K)
     summary = evaluate.summarize(np.asarray(confusion), CITYSCAPES_CLASSES)
-    reference = _cityscapes_iou(predictions, labels, K)
+    reference = _cityscapes_scripts_iou(tmp_path, predictions, labels)
 
     iou = np.array(summary["per_class_iou"])
     assert summary["class_names"] == list(CITYSCAPES_CLASSES)
     np.testing.assert_allclose(iou, reference, rtol=1e-12, equal_nan=True)
     assert summary["per_class_iou"][3] == 0.0  # predicted, never in the ground truth
     assert np.isnan(summary["per_class_iou"][9])  # in neither: left out of the means
-    assert summary["miou"] == summary["miou19"] == pytest.approx(_mean_of_present(reference, range(K)))
+    assert summary["miou"] == summary["miou19"] == pytest.approx(_cityscapes_scripts_mean(reference, range(K)))
     synthia16 = [c for c in range(K) if c not in (9, 14, 16)]
     synthia13 = [c for c in synthia16 if c not in (3, 4, 5)]
-    assert summary["miou16"] == pytest.approx(_mean_of_present(reference, synthia16))
-    assert summary["miou13"] == pytest.approx(_mean_of_present(reference, synthia13))
+    assert summary["miou16"] == pytest.approx(_cityscapes_scripts_mean(reference, synthia16))
+    assert summary["miou13"] == pytest.approx(_cityscapes_scripts_mean(reference, synthia13))
     evaluated = labels != 255
     assert summary["pixel_accuracy"] == pytest.approx(np.mean(predictions[evaluated] == labels[evaluated]))
 
@@ -285,7 +286,7 @@ def test_sharded_slide_eval_step_equals_single_device_slide_inference():
     logits = evaluate.predict_logits(
         lambda x: model(x, train=False), jnp.asarray(normalized), mode="slide", crop_hw=(8, 16), stride_hw=(8, 8)
     )
-    predictions = np.asarray(jnp.argmax(evaluate.resize_bilinear(logits, labels.shape[1:]), -1))
+    predictions = np.asarray(jnp.argmax(resize_bilinear(logits, labels.shape[1:]), -1))
     np.testing.assert_array_equal(outputs["confusion"], _numpy_confusion(predictions, labels, K, valid))
 
 

@@ -1,7 +1,7 @@
 """MiT encoder, DAFormer / SegFormer heads, T2S-DA projector, segmentor, pretrained-weight import."""
 
 from t2s_jax.models.heads import DAFormerHead, SegFormerHead
-from t2s_jax.models.layers import BatchNorm, stack_passes, unstack_passes
+from t2s_jax.models.layers import BatchNorm, resize_bilinear, stack_passes, unstack_passes
 from t2s_jax.models.mit import MiT, build_encoder
 from t2s_jax.models.projector import Projector
 from t2s_jax.models.segmentor import (
@@ -52,6 +52,7 @@ __all__ = [
     "model_config_from_hf",
     "read_checkpoint",
     "read_converted",
+    "resize_bilinear",
     "stack_passes",
     "unstack_passes",
 ]

@@ -95,7 +95,8 @@ def unstack_passes(x: jax.Array, num_passes: int) -> list[jax.Array]:
 def resize_bilinear(x: jax.Array, size_hw: tuple[int, int]) -> jax.Array:
     """Bilinear NHWC resize matching PyTorch `interpolate(mode='bilinear', align_corners=False)`.
 
-    No antialiasing, so downsampling also samples like PyTorch (jax antialiases by default).
+    Half-pixel centres; no antialiasing, so downsampling also samples like PyTorch (jax
+    antialiases by default). The one resize of features, logits and evaluation outputs.
     """
     if tuple(x.shape[1:3]) == tuple(size_hw):
         return x

@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from t2s_jax.classes import IGNORE_INDEX
+
 
 def _label_slots(labels: jax.Array, num_classes: int, ignore_index: int) -> jax.Array:
     """Label map -> candidate slot per pixel: the class id, `num_classes` for ignore, -1 for anything else."""
@@ -21,7 +23,7 @@ def _label_slots(labels: jax.Array, num_classes: int, ignore_index: int) -> jax.
     return jnp.where((slots >= 0) & (slots <= num_classes), slots, -1).astype(jnp.int32)
 
 
-def chosen_classes(key: jax.Array, source_labels: jax.Array, num_classes: int, ignore_index: int = 255) -> jax.Array:
+def chosen_classes(key: jax.Array, source_labels: jax.Array, num_classes: int, ignore_index: int = IGNORE_INDEX) -> jax.Array:
     """`(B, K+1)` bool: the slots (classes 0..K-1, then ignore) each example mixes in."""
     batch = source_labels.shape[0]
     slots = _label_slots(source_labels, num_classes, ignore_index)
@@ -35,7 +37,7 @@ def chosen_classes(key: jax.Array, source_labels: jax.Array, num_classes: int, i
     return present & (rank < num_chosen)
 
 
-def classmix_masks(key: jax.Array, source_labels: jax.Array, num_classes: int, ignore_index: int = 255) -> jax.Array:
+def classmix_masks(key: jax.Array, source_labels: jax.Array, num_classes: int, ignore_index: int = IGNORE_INDEX) -> jax.Array:
     """`(B, H, W)` float32 mask: 1 where the source pixel's label is one of its example's chosen classes."""
     chosen = chosen_classes(key, source_labels, num_classes, ignore_index)
     slots = _label_slots(source_labels, num_classes, ignore_index)

@@ -20,13 +20,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from t2s_jax.classes import IGNORE_INDEX
 from t2s_jax.models import SegmentorOutput
 from t2s_jax.uda.source import SOURCE_PASS
 from t2s_jax.uda.term import Losses, Metrics, StepContext, Term
 
 
 def downscale_label_ratio(
-    labels: jax.Array, grid_hw: tuple[int, int], *, min_ratio: float, num_classes: int, ignore_index: int = 255
+    labels: jax.Array, grid_hw: tuple[int, int], *, min_ratio: float, num_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> jax.Array:
     """`(B, H, W)` labels -> `(B, h, w)` cell labels (int32), ignore where no value reaches `min_ratio`."""
     batch, height, width = labels.shape
@@ -62,7 +63,7 @@ def thing_feature_distance(
     thing_classes: Sequence[int],
     min_ratio: float,
     num_classes: int = 19,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> jax.Array:
     """Mean L2 distance of `(B, h, w, C)` features over thing cells of `(B, H, W)` labels; 0 if none."""
     if student_features.shape != imagenet_features.shape:

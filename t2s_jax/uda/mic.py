@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from t2s_jax import losses
-from t2s_jax.models import SegmentorOutput
+from t2s_jax.models import SegmentorOutput, resize_bilinear
 from t2s_jax.uda import augment, masking, pseudo_labels
 from t2s_jax.uda.term import Losses, Metrics, PseudoLabels, StepContext, Term
 
@@ -109,7 +109,7 @@ class MicTerm(Term):
             return context.pseudo
         teacher = context.teacher_forward(context.mask_teacher_params, context.target_image)
         labels, weight, confidence, quality = pseudo_labels.pseudo_labels(
-            losses.upsample_logits(teacher.logits, context.target_image.shape[1:3]),
+            resize_bilinear(teacher.logits, context.target_image.shape[1:3]),
             threshold=self.threshold if self.threshold is not None else 0.0,
             ignore_top=self.uda.pseudo_ignore_top,
             ignore_bottom=self.uda.pseudo_ignore_bottom,

@@ -82,6 +82,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from t2s_jax.classes import IGNORE_INDEX
 from t2s_jax.parallel import DATA_AXIS
 
 LOSSES = ("infonce", "mse")
@@ -234,7 +235,7 @@ def unreliable_labels(
     threshold = jnp.nanquantile(jnp.where(is_class, confidence, jnp.nan), unreliable_fraction)
     threshold = jnp.where(jnp.any(is_class), threshold, 0.0)
     unreliable = is_class & (confidence < threshold)
-    return jnp.where(unreliable, pseudo_labels, 255), threshold
+    return jnp.where(unreliable, pseudo_labels, IGNORE_INDEX), threshold
 
 
 def sample_negatives(
