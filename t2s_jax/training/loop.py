@@ -118,9 +118,10 @@ def _train(config, workdir, mesh, class_list, checkpointer, stop: StopSignals) -
     run_eval = evaluation.make_evaluator(config, graphdef, mesh, class_list)
     with evaluation.writing("the metrics in", workdir):
         writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start_step)
-        if start_step == 0 and jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
+    if start_step == 0 and jax.process_index() == 0:
+        config_path = os.path.join(workdir, "config.json")
+        with evaluation.writing("the run's config", config_path), open(config_path, "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
     def is_eval_step(step: int) -> bool:
         return step % train_config.eval_every == 0 or step == num_steps
