@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import zlib
 from typing import Any, Iterator
 
@@ -63,6 +64,7 @@ class RunCheckpointer:
     def __init__(self, workdir: str, *, keep: int = 3, read_only: bool = False):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.read_only = read_only
+        self._unfinished: list[str] = []  # glob patterns of failed saves' folders
         best_fn = lambda metrics: metrics["miou"]  # noqa: E731  (makes Orbax keep per-step metrics)
         if read_only:
             options = ocp.CheckpointManagerOptions(
@@ -158,8 +160,8 @@ class RunCheckpointer:
 
     def _remove_unfinished(self, step: int) -> None:
         if jax.process_index() == 0:
-            for tmp in glob.glob(glob.escape(self.step_path(step)) + ".orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+            self._unfinished.append(glob.escape(self.step_path(step)) + ".orbax-checkpoint-tmp*")
+            _remove_until_gone(self._unfinished[-1])
         _call_orbax(self._manager.reload)
 
     # --------------------------------------------------------------------------- restore
@@ -327,6 +329,8 @@ class RunCheckpointer:
         _call_orbax(self._manager.reload)
 
     def close(self) -> None:
+        for pattern in self._unfinished:  # what the failed saves' abandoned writes made since
+            _remove_until_gone(pattern)
         _, cause = _call_orbax(self._manager.close)
         if cause is not None:
             raise CheckpointError(f"closing checkpoints in {self.directory}: {cause}")
@@ -501,6 +505,21 @@ def _call_orbax(fn, *args, **kwargs) -> tuple[Any, str | None]:
         cause = _innermost_message(error, handling)
     gc.collect()  # the abandoned coroutines go now, not in the middle of a later step
     return None, cause
+
+
+def _remove_until_gone(pattern: str, quiet_s: float = 0.5, timeout_s: float = 10.0) -> None:
+    """Removes the folders matching `pattern` until none comes back for `quiet_s`: TensorStore
+    still completes writes that a failed save abandoned, recreating their folders."""
+    deadline, quiet_since = time.monotonic() + timeout_s, time.monotonic()
+    while time.monotonic() < deadline:
+        found = glob.glob(pattern)
+        for folder in found:
+            shutil.rmtree(folder, ignore_errors=True)
+        if found:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
+        time.sleep(0.05)
 
 
 def _report_unfinished_saves(directory: str) -> None:
