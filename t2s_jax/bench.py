@@ -8,8 +8,8 @@ r"""Step benchmark: compile time, first step, step time, images/s, TFLOP/s and p
 
 Config overrides work as in `t2s_jax.main` (`--config.data.crop_hw="(64,64)"`). One row per
 (method, dtype, attention implementation). Each row
-builds the training step exactly as the loop does (`train.create_train_state`,
-`train.jit_train_step`: same shardings, same donation) and feeds it one synthetic batch
+builds the training step exactly as the loop does (`training.train_state.create_train_state`,
+`jit_train_step`: same shardings, same donation) and feeds it one synthetic batch
 of the config's shapes (random uint8 images, blocky random labels over all classes), so
 no dataset and no pretrained weights are needed (`model.pretrained` is cleared).
 
@@ -44,13 +44,12 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
-from t2s_jax import methods, parallel, steps, train
+from t2s_jax import methods, parallel
 from t2s_jax.classes import IGNORE_INDEX
-from t2s_jax.models import build_segmentor, layers, mit
-from t2s_jax.optim import make_optimizer
+from t2s_jax.models import layers, mit
+from t2s_jax.training import train_state
 
 
 # Labels are constant on square blocks of this side, so ClassMix masks, stride-32 feature
@@ -141,20 +140,6 @@ def _images_per_step(config: ml_collections.ConfigDict) -> int:
     return config.data.batch_size * (2 if config.data.target else 1)
 
 
-def _abstract_train_state(config: ml_collections.ConfigDict, num_steps: int):
-    """(graphdef, state, ImageNet parameters, optimizer) of `config` as shapes only, no memory."""
-    model_config = train.model_config_for_run(config)
-    model = nnx.eval_shape(lambda: build_segmentor(model_config, rngs=nnx.Rngs(0)))
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    optimizer = make_optimizer(config.optim, num_steps)
-    with_mask_teacher = steps.mask_teacher_alpha(methods.build_terms(config)) is not None
-    state = jax.eval_shape(
-        lambda p, s: steps.initial_train_state(p, s, optimizer, config.seed, with_mask_teacher=with_mask_teacher),
-        params, batch_stats,
-    )  # fmt: skip
-    return graphdef, state, params, optimizer
-
-
 def _cost_flops(stage) -> float:
     analysis = stage.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # some jax versions: one dict per program
@@ -175,8 +160,8 @@ def model_flops(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batc
     unrolled = ml_collections.ConfigDict(config.to_dict())
     unrolled.model.scan_blocks = False
     num_steps = config.train.num_steps
-    graphdef, state, imagenet_params, optimizer = _abstract_train_state(unrolled, num_steps)
-    step = train.jit_train_step(unrolled, graphdef, optimizer, mesh, num_steps)
+    graphdef, state, imagenet_params, optimizer = train_state.abstract_train_state(unrolled, num_steps)
+    step = train_state.jit_train_step(unrolled, graphdef, optimizer, mesh, num_steps)
     return _cost_flops(step.lower(state, batch, imagenet_params))
 
 
@@ -241,12 +226,12 @@ def benchmark(
     )  # fmt: skip
     start = time.perf_counter()
     if steps_timed > 0:
-        graphdef, state, imagenet_params, optimizer = train.create_train_state(config, mesh, num_steps)
+        graphdef, state, imagenet_params, optimizer = train_state.create_train_state(config, mesh, num_steps)
         batch = parallel.global_batch(host_batch, mesh)
     else:
-        graphdef, state, imagenet_params, optimizer = _abstract_train_state(config, num_steps)
+        graphdef, state, imagenet_params, optimizer = train_state.abstract_train_state(config, num_steps)
         batch = _abstract_batch(host_batch, mesh)
-    step = train.jit_train_step(config, graphdef, optimizer, mesh, num_steps)
+    step = train_state.jit_train_step(config, graphdef, optimizer, mesh, num_steps)
     compile_start = time.perf_counter()
     lowered = step.lower(state, batch, imagenet_params)
     compiled = lowered.compile()

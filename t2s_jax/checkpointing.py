@@ -14,8 +14,9 @@ Reliability rules (docs/reliability.md lists the faults and the tests that show 
 - `restore` verifies every array it returns; a damaged step is reported in one paragraph
   and the next older one is tried. With several processes each verifies its copy and
   they agree on the verdict, so all restore the same step.
-- Orbax speaks through this module: its own warnings and error logs (tracebacks, also
-  from its worker threads) are dropped; the full exception is logged at DEBUG.
+- Orbax speaks through this module: its own logging (INFO chatter, warnings and error
+  tracebacks, also from its worker threads) is dropped; the full exception is logged at
+  DEBUG. This is the one place that filters Orbax's logging.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import zlib
 from typing import Any, Iterator
 
@@ -62,6 +64,7 @@ class RunCheckpointer:
     def __init__(self, workdir: str, *, keep: int = 3, read_only: bool = False):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.read_only = read_only
+        self._unfinished: list[str] = []  # glob patterns of failed saves' folders
         best_fn = lambda metrics: metrics["miou"]  # noqa: E731  (makes Orbax keep per-step metrics)
         if read_only:
             options = ocp.CheckpointManagerOptions(
@@ -101,10 +104,6 @@ class RunCheckpointer:
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
-
-    def best_step(self) -> int | None:
-        """The kept step with the highest mIoU, or None before any evaluation."""
-        return self._manager.best_step()
 
     def step_path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -161,8 +160,8 @@ class RunCheckpointer:
 
     def _remove_unfinished(self, step: int) -> None:
         if jax.process_index() == 0:
-            for tmp in glob.glob(glob.escape(self.step_path(step)) + ".orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+            self._unfinished.append(glob.escape(self.step_path(step)) + ".orbax-checkpoint-tmp*")
+            _remove_until_gone(self._unfinished[-1])
         _call_orbax(self._manager.reload)
 
     # --------------------------------------------------------------------------- restore
@@ -329,11 +328,9 @@ class RunCheckpointer:
             multihost_utils.sync_global_devices("t2s_jax checkpoints set aside")
         _call_orbax(self._manager.reload)
 
-    def wait(self) -> None:
-        """Saves are synchronous; kept so callers need not know."""
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
+        for pattern in self._unfinished:  # what the failed saves' abandoned writes made since
+            _remove_until_gone(pattern)
         _, cause = _call_orbax(self._manager.close)
         if cause is not None:
             raise CheckpointError(f"closing checkpoints in {self.directory}: {cause}")
@@ -418,10 +415,14 @@ def _all_processes_agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
-def _innermost_message(error: BaseException) -> str:
+def _innermost_message(error: BaseException, handling: BaseException | None = None) -> str:
     """The deepest cause in `error`'s chain, on one line (TensorStore puts the root cause
-    at the end of long messages, so a long one keeps its head and tail)."""
+    at the end of long messages, so a long one keeps its head and tail). The chain stops
+    before `handling`, the error the caller was handling (a save in a `finally`): that one
+    is not this failure's cause."""
     chain, seen = [error], {id(error)}
+    if handling is not None:
+        seen.add(id(handling))
     while True:
         current = chain[-1]
         if isinstance(current, BaseExceptionGroup) and current.exceptions:
@@ -442,21 +443,20 @@ def _innermost_message(error: BaseException) -> str:
 _ORBAX_DIR = f"{os.sep}orbax{os.sep}"
 
 
-class _DropOrbaxWarnings(logging.Filter):
-    """Orbax logs each failure (with tracebacks, also from its worker threads after the
-    call returned) before raising it; this module raises it as one CheckpointError.
-    asyncio logs the abandoned Orbax tasks of a failed call when they are collected."""
+class _DropOrbaxLogs(logging.Filter):
+    """Orbax logs its progress at INFO and each failure (with tracebacks, also from its
+    worker threads after the call returned) before raising it; this module raises it as
+    one CheckpointError. asyncio logs the abandoned Orbax tasks of a failed call when they
+    are collected."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
         if record.name == "asyncio":
             tb = record.exc_info[2] if record.exc_info else None
             return not (_ORBAX_DIR in record.getMessage() or _through_orbax(tb))
         return _ORBAX_DIR not in record.pathname
 
 
-_DROP_ORBAX_WARNINGS = _DropOrbaxWarnings()
+_DROP_ORBAX_LOGS = _DropOrbaxLogs()
 
 
 def _through_orbax(tb: Any) -> bool:
@@ -480,8 +480,8 @@ def _quiet_orbax() -> None:
     complaints of its abandoned work (dozens of multi-line TensorStore specs, whenever
     they finish or are collected) are dropped. Idempotent; re-installs a replaced hook."""
     for logger in (logging.getLogger("absl"), logging.getLogger("asyncio")):
-        if _DROP_ORBAX_WARNINGS not in logger.filters:
-            logger.addFilter(_DROP_ORBAX_WARNINGS)
+        if _DROP_ORBAX_LOGS not in logger.filters:
+            logger.addFilter(_DROP_ORBAX_LOGS)
     if getattr(sys.unraisablehook, "drops_orbax_leftovers", False):
         return
     previous = sys.unraisablehook
@@ -497,13 +497,29 @@ def _quiet_orbax() -> None:
 def _call_orbax(fn, *args, **kwargs) -> tuple[Any, str | None]:
     """(fn's result, None), or (None, the one-line cause) when it raised."""
     _quiet_orbax()
+    handling = sys.exception()
     try:
         return fn(*args, **kwargs), None
     except Exception as error:  # noqa: BLE001  (OSError, or Orbax/TensorStore/json wrapping it)
         logging.debug("orbax call failed", exc_info=True)
-        cause = _innermost_message(error)
+        cause = _innermost_message(error, handling)
     gc.collect()  # the abandoned coroutines go now, not in the middle of a later step
     return None, cause
+
+
+def _remove_until_gone(pattern: str, quiet_s: float = 0.5, timeout_s: float = 10.0) -> None:
+    """Removes the folders matching `pattern` until none comes back for `quiet_s`: TensorStore
+    still completes writes that a failed save abandoned, recreating their folders."""
+    deadline, quiet_since = time.monotonic() + timeout_s, time.monotonic()
+    while time.monotonic() < deadline:
+        found = glob.glob(pattern)
+        for folder in found:
+            shutil.rmtree(folder, ignore_errors=True)
+        if found:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
+        time.sleep(0.05)
 
 
 def _report_unfinished_saves(directory: str) -> None:
@@ -522,6 +538,7 @@ def _report_unfinished_saves(directory: str) -> None:
 
 def save_tree(directory: str, tree: Any) -> None:
     """Writes one pytree (e.g. converted pretrained parameters) as a standalone checkpoint."""
+    _quiet_orbax()
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.abspath(directory), tree, force=True)
     checkpointer.wait_until_finished()
@@ -529,6 +546,7 @@ def save_tree(directory: str, tree: Any) -> None:
 
 def restore_tree(directory: str, abstract_tree: Any | None = None) -> Any:
     """Reads a tree written by `save_tree`, onto `abstract_tree`'s shapes and shardings if given."""
+    _quiet_orbax()
     return ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract_tree)
 
 

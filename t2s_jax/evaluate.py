@@ -9,7 +9,6 @@ is the mean over classes with a non-empty union.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -24,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from PIL import Image
 
+from t2s_jax import jsonio
 from t2s_jax.classes import (
     CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX, SYNTHIA13_CLASS_IDS, SYNTHIA16_CLASS_IDS, colorize,
 )  # fmt: skip
@@ -280,26 +280,9 @@ def format_iou_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _json_ready(value):
-    """Floats (nan -> null), ints, strings, and containers of them."""
-    if isinstance(value, Mapping):
-        return {str(key): _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
 def write_eval_json(path: str, summary: Mapping[str, Any]) -> None:
-    """Writes the summary (without pictures) as JSON; nan IoUs become null."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as file:
-        json.dump(_json_ready({key: value for key, value in summary.items() if key != "pictures"}), file, indent=2)
+    """Writes the summary (without pictures) as JSON, atomically; nan IoUs become null."""
+    jsonio.write(path, {key: value for key, value in summary.items() if key != "pictures"})
 
 
 def _nearest(label_map: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:

@@ -20,6 +20,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from t2s_jax.training import control  # light: the command is checked before jax is imported
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, evaluations.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming if possible) or evaluate.")
@@ -47,26 +49,13 @@ _USAGE_ERROR = 2
 
 
 class _QuietLibraries(logging.Filter):
-    """Keeps INFO chatter of checkpointing and dataset libraries out of the progress log, and
-    asyncio's reports of Orbax writes that failed (one traceback per array: thousands of
-    lines for a full disk), which the checkpointer reports in one line."""
+    """Keeps the INFO chatter of the dataset libraries and absl out of the progress log
+    (Orbax speaks through `t2s_jax.checkpointing`, which filters its logging itself)."""
 
-    _NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/absl/")
+    _NOISY = ("/tensorflow_datasets/", "/grain/", "/absl/")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "asyncio" and record.exc_info and _through_orbax(record.exc_info[2]):
-            return False
-        return record.levelno >= logging.WARNING or not any(
-            part in record.pathname for part in self._NOISY
-        )
-
-
-def _through_orbax(traceback) -> bool:
-    while traceback is not None:
-        if "/orbax/" in traceback.tb_frame.f_code.co_filename:
-            return True
-        traceback = traceback.tb_next
-    return False
+        return record.levelno >= logging.WARNING or not any(part in record.pathname for part in self._NOISY)
 
 
 def _fail(message: str, exit_code: int) -> None:
@@ -134,26 +123,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return app.parse_flags_with_usage(argv)
 
 
-def _workdir_problem(workdir: str, mode: str, pretrained: str) -> str | None:
-    """Why `workdir` cannot serve `mode`, without creating anything; or None."""
-    if not workdir:
-        return "--workdir is empty; pass the run directory, e.g. --workdir=runs/my_run"
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        return f"--workdir={workdir} is a file, not a directory; choose another --workdir"
-    if mode == "eval":
-        if not os.path.isdir(workdir) and not pretrained:
-            return f"--workdir={workdir} does not exist; pass the folder of a training run"
-        return None
-    existing = os.path.abspath(workdir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"cannot create --workdir={workdir}: {existing} is a file; choose another --workdir"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot create --workdir={workdir}: {existing} is not writable; choose another --workdir"
-    return None
-
-
 def _pretrained_problem(config: ml_collections.ConfigDict, mode: str, pretrained: str) -> str | None:
     """One line on weights the command would read that are missing or unreadable, or None."""
     from t2s_jax.models import weights
@@ -174,8 +143,6 @@ def _method_problem(config: ml_collections.ConfigDict, methods: tuple[str, ...])
         if unknown:
             return f"config.{key}: unknown method {unknown[0]!r}; expected one of {', '.join(methods)}"
     return None
-
-
 
 
 def enable_compilation_cache(workdir: str) -> str:
@@ -221,20 +188,21 @@ def run(
 ) -> None:
     """What the command does once its flags are parsed (the tests call it with a loaded config).
     `distributed`: the coordinator address, process count and process id (defaults: detected)."""
-    if problem := _workdir_problem(workdir, mode, pretrained):
+    if problem := control.workdir_problem(workdir, mode, pretrained):
         _fail(problem, _USAGE_ERROR)
     # Imported here, after the command is known to be sound: jax, flax and orbax take seconds.
-    from t2s_jax import checkpointing, data, methods, parallel, train, workdir_lock
+    from t2s_jax import checkpointing, data, methods, parallel, workdir_lock
     from t2s_jax.models import weights
+    from t2s_jax.training import comparison, eval_mode, loop
 
     problem = _method_problem(config, tuple(methods.PRESETS)) or _pretrained_problem(config, mode, pretrained)
     if problem:
         _fail(problem, _USAGE_ERROR)
     if mode == "train":
         try:
-            train.prepare_workdir(workdir)
-        except train.RunError as error:
-            _fail(str(error), _USAGE_ERROR)
+            control.prepare_workdir(workdir)
+        except control.RunError as error:
+            _fail(str(error), error.exit_code)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
             handler.addFilter(_QuietLibraries())
@@ -244,14 +212,14 @@ def run(
     parallel.initialize_distributed(*distributed)
     try:
         if mode == "eval" and pretrained:
-            train.evaluate_checkpoint(config, workdir, pretrained=pretrained)
+            eval_mode.evaluate_checkpoint(config, workdir, pretrained=pretrained)
         elif mode == "eval":
-            train.evaluate_workdir(config, workdir, step=step)
+            eval_mode.evaluate_workdir(config, workdir, step=step)
         elif config.get("compare_methods"):
-            train.train_methods(config, workdir)
+            comparison.train_methods(config, workdir)
         else:
-            train.train_and_evaluate(config, workdir)
-    except train.RunError as error:
+            loop.train_and_evaluate(config, workdir)
+    except control.RunError as error:
         _fail(str(error), error.exit_code)
     except (checkpointing.CheckpointError, workdir_lock.WorkdirBusyError, data.DamagedDataError,
             weights.WeightsError) as error:  # fmt: skip

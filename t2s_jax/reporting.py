@@ -27,6 +27,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from t2s_jax import jsonio  # noqa: E402
+
 
 def _import_tensorboardx():
     # tensorboardX imports torch whenever it is installed, only to accept torch tensors:
@@ -83,10 +85,9 @@ class MetricWriter:
         for name, value in scalars.items():
             if name in _RESERVED:
                 raise ValueError(f"scalar name {name!r} is reserved in {METRICS_FILE}")
-            value = float(value)
-            self._tensorboard.add_scalar(name, value, int(step))
-            record[name] = value if math.isfinite(value) else None
-        self._jsonl.write(json.dumps(record) + "\n")
+            record[name] = float(value)
+            self._tensorboard.add_scalar(name, record[name], int(step))
+        self._jsonl.write(jsonio.dumps(record) + "\n")
 
     def flush(self) -> None:
         """Puts everything written so far on disk (the loop calls it before each checkpoint)."""
@@ -141,8 +142,8 @@ def read_metrics(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 step = int(record.pop("step"))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"{path}:{line_number}: not a metrics record ({error})") from error
-            for name, value in record.items():
-                by_name.setdefault(name, {})[step] = math.nan if value is None else float(value)
+            for name, value in jsonio.nan_for_null(record).items():
+                by_name.setdefault(name, {})[step] = float(value)
     series = {}
     for name, values in by_name.items():
         steps = np.array(sorted(values), np.int64)
@@ -174,23 +175,6 @@ def format_progress(step: int, num_steps: int, steps_per_sec: float, scalars: Ma
     return " | ".join(parts)
 
 
-class ProgressLine:
-    """Measures steps/s between calls and formats the progress line."""
-
-    def __init__(self, num_steps: int, clock: Callable[[], float] = time.perf_counter):
-        self.num_steps = num_steps
-        self._clock = clock
-        self._last: tuple[int, float] | None = None
-
-    def __call__(self, step: int, scalars: Mapping[str, float]) -> str:
-        now = self._clock()
-        steps_per_sec = math.nan
-        if self._last is not None and now > self._last[1]:
-            steps_per_sec = (step - self._last[0]) / (now - self._last[1])
-        self._last = (step, now)
-        return format_progress(step, self.num_steps, steps_per_sec, scalars)
-
-
 # ------------------------------------------------------------------ final report
 
 
@@ -214,8 +198,10 @@ def _plot(series: Mapping[str, tuple[np.ndarray, np.ndarray]], losses: list[str]
             axis.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=axis.transAxes)
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=100, format="png")
+    finally:
+        plt.close(figure)
 
 
 def write_final_report(
@@ -280,7 +266,22 @@ def write_final_report(
     lines += ["", f"![losses and mIoU]({PLOT_FILE})", ""]
 
     report_path, plot_path = os.path.join(workdir, REPORT_FILE), os.path.join(workdir, PLOT_FILE)
-    with open(report_path, "w") as file:
-        file.write("\n".join(lines))
-    _plot(series, losses, mious, plot_path)
+    _write_whole(plot_path, lambda temporary: _plot(series, losses, mious, temporary))
+    _write_whole(report_path, lambda temporary: _write_text(temporary, "\n".join(lines)))
     return report_path, plot_path
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as file:
+        file.write(text)
+
+
+def _write_whole(path: str, write: Callable[[str], object]) -> None:
+    """`write(temporary)`, then renamed to `path`: a failed write (a full disk) leaves no part."""
+    temporary = f"{path}.tmp"
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tiny  # noqa: E402
 
-from t2s_jax import checkpointing, data, parallel, train  # noqa: E402
+from t2s_jax import checkpointing, data, parallel  # noqa: E402
+from t2s_jax.training import train_state  # noqa: E402
 
 NUM_STEPS = 3
 GLOBAL_BATCH = 4
@@ -67,8 +68,8 @@ def main() -> None:
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     config = tiny.tiny_config(args.data_dir, "t2s", **OVERRIDES)
     mesh = parallel.make_mesh()
-    graphdef, state, imagenet_params, optimizer = train.create_train_state(config, mesh, NUM_STEPS)
-    step_fn = train.jit_train_step(config, graphdef, optimizer, mesh, NUM_STEPS)
+    graphdef, state, imagenet_params, optimizer = train_state.create_train_state(config, mesh, NUM_STEPS)
+    step_fn = train_state.jit_train_step(config, graphdef, optimizer, mesh, NUM_STEPS)
 
     initial_params = parallel.to_host(state.params)
     iterator = data.make_train_iterator(

@@ -16,7 +16,8 @@ import torch
 from flax import nnx
 
 from data_pipelines import bench as data_bench
-from t2s_jax import bench, bench_torch, parallel, train
+from t2s_jax import bench, bench_torch, parallel
+from t2s_jax.training import train_state
 from t2s_jax.config import default_config
 from t2s_jax.models import build_segmentor, count_parameters
 
@@ -136,8 +137,8 @@ def test_model_flops_count_every_scanned_block(tmp_path):
 
     def lowered(scan: bool):
         config.model.scan_blocks = scan
-        graphdef, state, imagenet_params, optimizer = bench._abstract_train_state(config, 10)
-        step = train.jit_train_step(config, graphdef, optimizer, mesh, 10)
+        graphdef, state, imagenet_params, optimizer = train_state.abstract_train_state(config, 10)
+        step = train_state.jit_train_step(config, graphdef, optimizer, mesh, 10)
         return step.lower(state, batch, imagenet_params)
 
     unrolled = bench._cost_flops(lowered(False))
@@ -190,8 +191,8 @@ def test_default_mit_b5_t2s_step_fits_20_gib():
     mesh = parallel.make_mesh(1)
     batch = bench._abstract_batch(bench.synthetic_host_batch(config.data, 19), mesh)
     num_steps = config.train.num_steps
-    graphdef, state, imagenet_params, optimizer = bench._abstract_train_state(config, num_steps)
-    step = train.jit_train_step(config, graphdef, optimizer, mesh, num_steps)
+    graphdef, state, imagenet_params, optimizer = train_state.abstract_train_state(config, num_steps)
+    step = train_state.jit_train_step(config, graphdef, optimizer, mesh, num_steps)
     compiled = step.lower(state, batch, imagenet_params).compile()
     footprint, _, figures = bench._memory(compiled, mesh, ran=False)
     print({name: f"{value / 2**30:.2f} GiB" for name, value in figures.items()})

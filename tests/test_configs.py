@@ -14,7 +14,8 @@ import torch
 from transformers import SegformerConfig, SegformerModel
 
 from data_pipelines import prepare
-from t2s_jax import checkpointing, main, train
+from t2s_jax import checkpointing, main
+from t2s_jax.training import eval_mode
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dataset_trees  # noqa: E402
@@ -87,7 +88,7 @@ def test_config_trains_evaluates_and_resumes(config_name, prepared, tmp_path):
         overrides["train.checkpoint_every"] = 2
     workdir = str(tmp_path / "run")
     _run(config_name, workdir, overrides)
-    runs = train.find_runs(workdir)
+    runs = eval_mode.find_runs(workdir)
     assert runs, os.listdir(workdir)
     first_losses = {}
     for run in runs:

@@ -16,7 +16,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from data_pipelines import builders, prepare
-from t2s_jax import data, train
+from t2s_jax import data
+from t2s_jax.training import loop
+from t2s_jax.training.control import RunError
 from t2s_jax.classes import CITYSCAPES_CLASSES, generate_palette
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -505,11 +507,11 @@ def test_own_classes_prepare_train_evaluate_report_and_draw(tmp_path):
 
     # A wrong class count stops before any model is built, naming the dataset and the key.
     wrong = tiny.tiny_config(data_dir, "t2s", **{**run, "model.num_classes": 19, "num_devices": 1})
-    with pytest.raises(train.RunError, match=(
+    with pytest.raises(RunError, match=(
         r"^config.model.num_classes=19 but config.data.source='image_folder/lab' has 5 classes; "
         r"set --config.model.num_classes=5$"
     )):  # fmt: skip
-        train.train_and_evaluate(wrong, f"{tmp_path}/wrong")
+        loop.train_and_evaluate(wrong, f"{tmp_path}/wrong")
     assert not os.path.exists(f"{tmp_path}/wrong/checkpoints")
     with pytest.raises(ValueError, match=r"fd_classes=\(6, 7, .*outside the 5 classes.*fd_weight=0"):
         data.check_classes(tiny.tiny_config(data_dir, "t2s", **{**run, "uda.fd_weight": 0.005}))

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -219,6 +220,59 @@ def test_an_evaluation_error_and_kills_mid_step_and_mid_save_lose_nothing(sessio
     assert tiny.logged_losses(workdir) == tiny.logged_losses(reference)  # each step once, the same values
     evaluations = [(r["step"], r["eval/miou"]) for r in _records(workdir) if "eval/miou" in r]
     assert evaluations == [(r["step"], r["eval/miou"]) for r in _records(reference) if "eval/miou" in r]
+
+
+def _sizes(folder, pattern):
+    return [os.path.getsize(path) for path in glob.glob(os.path.join(folder, pattern), recursive=True)]
+
+
+def test_a_full_disk_at_the_pictures_then_truncated_evaluations_in_one_line_each(session_dirs, comparison):
+    """The disk fills when an evaluation writes its pictures: the save of that step fails
+    too, one line names the save's own cause, nothing partial is left and the previous
+    checkpoint stays good. Then eval/step_N.json cut short, twice: mid-run (resumed at N)
+    and on a finished run; each is set aside and recomputed from its checkpoint."""
+    reference = comparison["dirs"]["seed_1"]  # 4 steps of seed 1, evaluated and saved at 2 and 4
+    workdir = str(session_dirs["root"] / "disk_full_at_eval")
+    shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("run.lock", "report.*", "*_eval_mode.json"))
+    # Back to step 2: the rerun trains 3 and 4 again (the same compiled step), then evaluates 4.
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+    for name in ("eval/step_4.json", *(os.path.relpath(p, workdir) for p in glob.glob(f"{workdir}/pictures/step_000004_*"))):
+        os.remove(os.path.join(workdir, name))
+    picture = min(_sizes(reference, "pictures/step_000004_*.png"))
+    logs = _sizes(reference, "metrics.jsonl") + _sizes(reference, "eval/step_*.json") + _sizes(reference, "tensorboard/*")
+    assert max(logs) < picture < max(_sizes(reference, "checkpoints/4/**/*")), "the file-size limit must stop the pictures and the save"
+    no_cache_writes = {"JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": str(10**12)}
+    overrides = {"seed": 1}
+    returncode, output = _run(session_dirs, workdir, overrides=overrides, env=no_cache_writes,
+                              preexec_fn=_file_size_limit(picture - 1))  # fmt: skip
+    assert returncode == 1 and "resumed at step 2" in output, output[-3000:]
+    assert "Traceback" not in output, output[-5000:]
+    (line,) = _error_lines(output)
+    assert "could not save checkpoint step 4" in line and "File too large" in line, line
+    assert "AttributeError" not in line and "_idat" not in line  # the save's own cause, not the pictures'
+    assert _checkpoint_steps(workdir) == [2]
+    assert not glob.glob(f"{workdir}/**/*tmp*", recursive=True)
+    assert not glob.glob(f"{workdir}/pictures/step_000004_*") and not os.path.exists(f"{workdir}/eval/step_4.json")
+
+    def truncate(name):
+        path = os.path.join(workdir, "eval", name)
+        text = open(path).read()
+        open(path, "w").write(text[: len(text) // 2])
+
+    truncate("step_2.json")  # the step the run resumes at, which it checks was evaluated
+    returncode, output = _run(session_dirs, workdir, overrides=overrides)
+    assert returncode == 0 and "Traceback" not in output, output[-3000:]
+    assert "step_2.json is damaged (JSONDecodeError" in output and "evaluating step 2 again" in output
+    assert tiny.logged_losses(workdir) == tiny.logged_losses(reference)  # the previous checkpoint was good
+    truncate("step_4.json")  # a finished run
+    returncode, output = _run(session_dirs, workdir, overrides=overrides)
+    assert returncode == 0 and "Traceback" not in output, output[-3000:]
+    assert "step_4.json is damaged" in output and "first step done" not in output, output[-3000:]
+    for step in (2, 4):
+        recomputed, logged = (json.load(open(f"{run}/eval/step_{step}.json")) for run in (workdir, reference))
+        np.testing.assert_allclose(recomputed["miou"], logged["miou"], atol=1e-6)
+        assert os.path.exists(f"{workdir}/eval/step_{step}.json.damaged")
+    assert _error_lines(output) == [] and os.path.exists(f"{workdir}/{reporting.REPORT_FILE}")
 
 
 # ---------------------------------------------------------------------------- a comparison

@@ -38,7 +38,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     model.encoder.drop_path_rate = 0.3
     model.head_channels = 16
     model.num_classes = 5
-    model.projector.enabled = True  # a run builds it when a term reads projections (train.model_config_for_run)
+    model.projector.enabled = True  # a run builds it when a term reads projections (t2s_jax.training.train_state.model_config_for_run)
     model.projector.hidden_channels = 16
     model.projector.dim = 8
     for key, value in overrides.items():

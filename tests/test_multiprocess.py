@@ -23,7 +23,8 @@ import jax
 import numpy as np
 import pytest
 
-from t2s_jax import checkpointing, data, parallel, train
+from t2s_jax import checkpointing, data, parallel
+from t2s_jax.training import train_state
 
 sys.path.insert(0, os.path.dirname(__file__))
 import multiprocess_worker as worker  # noqa: E402
@@ -109,7 +110,7 @@ def _restore_here(config, run_dir):
     """(state, data iterator state, step) of a run's latest checkpoint, restored in this
     process onto one device; the target is built from shapes only (nothing compiled)."""
     mesh = parallel.make_mesh(1)
-    shapes = jax.eval_shape(lambda: train.create_train_state(config, mesh, worker.NUM_STEPS)[1])
+    shapes = jax.eval_shape(lambda: train_state.create_train_state(config, mesh, worker.NUM_STEPS)[1])
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), shapes
     )

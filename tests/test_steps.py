@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from t2s_jax import methods, parallel, train
+from t2s_jax import methods, parallel
+from t2s_jax.training import train_state
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
@@ -100,8 +101,8 @@ def _config(method, **overrides):
 def _run(config, batches, num_devices=1):
     """Metrics of each step over `batches` and the final state; the jitted step's cache size."""
     mesh = parallel.make_mesh(num_devices)
-    graphdef, state, imagenet, optimizer = train.create_train_state(config, mesh, 100)
-    step = train.jit_train_step(config, graphdef, optimizer, mesh, 100)
+    graphdef, state, imagenet, optimizer = train_state.create_train_state(config, mesh, 100)
+    step = train_state.jit_train_step(config, graphdef, optimizer, mesh, 100)
     history = []
     for batch in batches:
         if not config.data.target:

@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from t2s_jax import data, parallel, train
+from t2s_jax import data, parallel
+from t2s_jax.training import coordination, evaluation, train_state
+from t2s_jax.training.control import RunError
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
@@ -49,8 +51,8 @@ def _collective_bytes(hlo_text):
 
 
 def _jitted_step(config, mesh):
-    graphdef, state, imagenet_params, optimizer = train.create_train_state(config, mesh, 100)
-    return train.jit_train_step(config, graphdef, optimizer, mesh, 100), state, imagenet_params
+    graphdef, state, imagenet_params, optimizer = train_state.create_train_state(config, mesh, 100)
+    return train_state.jit_train_step(config, graphdef, optimizer, mesh, 100), state, imagenet_params
 
 
 def test_t2s_step_on_8_devices_equals_1_device_and_compiles_once(tmp_path):
@@ -96,14 +98,14 @@ def test_eval_batch_of_one_works_on_any_mesh_and_scores_the_same(tmp_path):
     config = tiny.tiny_config(str(tmp_path / "data"), "source_only", **{
         "data.eval_batch_size": 1, "data.eval_dataset": "synthetic_city/target_64x128"})
     data.ensure_prepared(config.data.eval_dataset, config.data.data_dir)
-    graphdef, params, batch_stats = train.create_model_state(config, parallel.make_mesh(1))
+    graphdef, params, batch_stats = train_state.create_model_state(config, parallel.make_mesh(1))
     host_params, host_stats = jax.device_get((params, batch_stats))
     summaries = {}
     for num_devices in (1, 2, 8):
         mesh = parallel.make_mesh(num_devices)
         variables = jax.device_put((host_params, host_stats), parallel.replicated(mesh))
         classes = data.check_classes(config, training=False)
-        summaries[num_devices] = train._eval_setup(config, graphdef, mesh, classes)(*variables)
+        summaries[num_devices] = evaluation.make_evaluator(config, graphdef, mesh, classes)(*variables)
     for num_devices in (2, 8):
         assert summaries[num_devices]["num_examples"] == config.data.max_eval_examples
         assert summaries[num_devices]["num_pixels"] == summaries[1]["num_pixels"] > 0
@@ -112,14 +114,14 @@ def test_eval_batch_of_one_works_on_any_mesh_and_scores_the_same(tmp_path):
 
 def test_batch_sizes_and_device_counts_are_checked_against_the_mesh(tmp_path):
     config = tiny.tiny_config(str(tmp_path), "source_only", **{"num_devices": 4, "data.batch_size": 6})
-    with pytest.raises(train.RunError, match=r"config.data.batch_size=6 is not divisible by the 4 devices "
+    with pytest.raises(RunError, match=r"config.data.batch_size=6 is not divisible by the 4 devices "
                                              r"of the mesh \(1 process x 4 devices\); set it to a multiple of 4"):
-        train.make_run_mesh(config)
+        train_state.make_run_mesh(config)
     config.num_devices = 9
-    with pytest.raises(train.RunError, match=r"config.num_devices=9 but only 8 devices exist"):
-        train.make_run_mesh(config)
+    with pytest.raises(RunError, match=r"config.num_devices=9 but only 8 devices exist"):
+        train_state.make_run_mesh(config)
     config.num_devices, config.data.batch_size = 2, 2
-    mesh = train.make_run_mesh(config)
+    mesh = train_state.make_run_mesh(config)
     assert mesh.size == 2 and parallel.padded_batch_size(1, mesh) == 2 and parallel.padded_batch_size(5, mesh) == 6
 
 
@@ -136,9 +138,9 @@ def test_global_batch_feeds_the_mesh_devices_not_all_local_ones():
 def test_sigterm_and_sigint_request_a_stop_and_the_handlers_are_restored():
     before = signal.getsignal(signal.SIGTERM)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        with train._stop_signals() as stop:
+        with coordination.stop_signals() as stop:
             assert not stop.reached()
-            with train._stop_signals() as inner:  # a comparison's runs share the outer handlers
+            with coordination.stop_signals() as inner:  # a comparison's runs share the outer handlers
                 assert inner is stop
             os.kill(os.getpid(), signum)
             assert stop.reached() and stop.signum == signum
