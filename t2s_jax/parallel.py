@@ -177,6 +177,8 @@ def peer_errors() -> Iterator[None]:
     """Turns the errors of a lost peer (`peer_failure`) into `PeerError`; others pass."""
     try:
         yield
+    except PeerError:
+        raise
     except RuntimeError as error:
         if (message := peer_failure(error)) is None:
             raise

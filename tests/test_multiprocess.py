@@ -37,10 +37,10 @@ import tiny  # noqa: E402
 pytestmark = pytest.mark.xdist_group("multiprocess")
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
-TIMEOUT_S = 400
+TIMEOUT_S = 600
 # Process 1's lateness for the first step: beyond the 30 s after which gloo gives up setting
 # up a connection (what crashed a resumed run whose process 0 loaded its steps from the cache).
-LATE_PEER_S = 35
+LATE_PEER_S = 40
 # Tiny programs: a quick compile matters more than fast code (same flags for every run).
 _FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                  "--xla_cpu_use_fusion_emitters=false")
@@ -197,9 +197,10 @@ def test_two_processes_equal_one_process(runs):
 
 
 def test_a_process_late_for_the_first_step_is_waited_for(runs):
-    # Process 0 reached the first step's collectives LATE_PEER_S before process 1 (the fixture's
-    # runs finished, equal to 1 x 4 above): it waited that long instead of giving up at 30 s.
-    assert _result(runs["dirs"]["w2x2"])["first_step_s"] >= LATE_PEER_S - 2
+    # Process 0 reached the steps' first collective (the batch's all-gather) about LATE_PEER_S
+    # before process 1 and waited there, beyond gloo's 30 s set-up limit, instead of failing;
+    # the runs finished with the losses of 1 x 4 (test_two_processes_equal_one_process).
+    assert _result(runs["dirs"]["w2x2"])["first_gather_s"] > 30
 
 
 def test_one_process_checkpoint_restores_in_two_processes(runs):
