@@ -50,7 +50,8 @@ while ((${#running[@]})); do
     ((code > 128)) && how="ended with status $code (signal $(kill -l $((code - 128))))"
     echo "[launcher] process ${index_of[$finished]} of $num_processes (pid $finished) $how;" \
       "the others stop, or are killed in ${grace_s} s" >&2
-    (sleep "$grace_s" && signal_all KILL) &
+    # Its own output is closed and its sleep ends with it: neither holds this script's output open.
+    (trap 'kill $nap 2>/dev/null; exit' TERM; sleep "$grace_s" & nap=$!; wait $nap && signal_all KILL) >/dev/null 2>&1 &
     killer=$!
   fi
 done

@@ -77,6 +77,7 @@ def _fail(message: str, exit_code: int, *, at_once: bool = False) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     if at_once:  # skips JAX's exit handler, whose shutdown barrier waits minutes for a lost process
         logging.shutdown()
+        sys.stdout.flush()
         os._exit(exit_code)
     sys.exit(exit_code)
 

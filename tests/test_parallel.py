@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -167,3 +168,18 @@ def test_two_processes_assemble_one_global_batch(tmp_path):
         assert result["shape"] == [8, 3]
         assert result["total"] == expected_total
         assert result["rows"] == expected_rows
+
+
+def test_a_process_that_never_connects_stops_the_run_after_distributed_timeout(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    command = [sys.executable, "-m", "t2s_jax.main", f"--config={repo}/configs/synthetic_demo.py",
+               f"--workdir={tmp_path / 'run'}", f"--coordinator_address=127.0.0.1:{_free_port()}",
+               "--num_processes=2", "--process_id=0", "--distributed_timeout=3"]  # fmt: skip
+    started = time.monotonic()
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    # Process 1 never starts: process 0 says how long it waits, then JAX stops it.
+    assert finished.returncode != 0
+    assert "waiting up to 3 s for every process of the run to connect" in finished.stderr
+    assert "DEADLINE_EXCEEDED" in finished.stderr
+    assert time.monotonic() - started < 60
