@@ -5,9 +5,10 @@
 # Example (the demo, 2 processes x 2 devices):
 #   launch/local_multiprocess.sh 2 2 configs/synthetic_demo.py runs/demo_2proc --config.data.batch_size=4
 # Output lines carry "[process i]". SIGTERM / SIGINT to this script reach every process (they
-# checkpoint the same step and stop). When one process fails, the others are stopped (TERM, then
-# KILL after GRACE_S seconds) rather than left waiting in a collective. Exit status: the first
-# non-zero one of the processes, else 0.
+# checkpoint the same step and stop). When one process fails, the launcher names it; the others
+# notice the lost peer and stop by themselves, and any still running GRACE_S seconds later (one
+# waiting in a barrier) are killed rather than left waiting. (Not TERM: a run cannot checkpoint
+# without its lost process.) Exit status: the first non-zero one of the processes, else 0.
 set -uo pipefail
 num_processes=${1:?number of processes}
 devices_per_process=${2:?devices per process}
@@ -18,6 +19,7 @@ port=${PORT:-$((20000 + RANDOM % 20000))}
 grace_s=${GRACE_S:-30}
 
 pids=()
+declare -A index_of
 for ((i = 0; i < num_processes; i++)); do
   JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} \
   XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices_per_process}" \
@@ -25,6 +27,7 @@ for ((i = 0; i < num_processes; i++)); do
     --coordinator_address="127.0.0.1:${port}" --num_processes="$num_processes" --process_id="$i" \
     "$@" > >(sed -u "s/^/[process $i] /") 2>&1 &
   pids+=($!)
+  index_of[$!]=$i
 done
 
 signal_all() { kill "-$1" "${pids[@]}" 2>/dev/null; }
@@ -43,9 +46,12 @@ while ((${#running[@]})); do
   unset "running[$finished]"
   if ((code != 0 && status == 0)); then
     status=$code
-    echo "[launcher] process pid $finished exited with status $code; stopping the others" >&2
-    signal_all TERM
-    (sleep "$grace_s" && signal_all KILL) &
+    how="exited with status $code"
+    ((code > 128)) && how="ended with status $code (signal $(kill -l $((code - 128))))"
+    echo "[launcher] process ${index_of[$finished]} of $num_processes (pid $finished) $how;" \
+      "the others stop, or are killed in ${grace_s} s" >&2
+    # Its own output is closed and its sleep ends with it: neither holds this script's output open.
+    (trap 'kill $nap 2>/dev/null; exit' TERM; sleep "$grace_s" & nap=$!; wait $nap && signal_all KILL) >/dev/null 2>&1 &
     killer=$!
   fi
 done

@@ -37,6 +37,10 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 600,  # = parallel.DEFAULT_PEER_TIMEOUT_S (jax is not imported yet)
+    "Multi-process: seconds the processes wait for each other to connect at start-up.", lower_bound=1,
+)  # fmt: skip
 _COMPILATION_CACHE = flags.DEFINE_bool(
     "compilation_cache", True,
     "Keep compiled steps in JAX's persistent cache, $JAX_COMPILATION_CACHE_DIR or else "
@@ -58,8 +62,12 @@ class _QuietLibraries(logging.Filter):
         return record.levelno >= logging.WARNING or not any(part in record.pathname for part in self._NOISY)
 
 
-def _fail(message: str, exit_code: int) -> None:
+def _fail(message: str, exit_code: int, *, at_once: bool = False) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if at_once:  # skips JAX's exit handler, whose shutdown barrier waits minutes for a lost process
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(exit_code)
     sys.exit(exit_code)
 
 
@@ -173,7 +181,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     distributed = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     run(_CONFIG.value, _WORKDIR.value, mode=_MODE.value, step=_STEP.value, pretrained=_PRETRAINED.value,
-        compilation_cache=_COMPILATION_CACHE.value, distributed=distributed)  # fmt: skip
+        compilation_cache=_COMPILATION_CACHE.value, distributed=distributed,
+        distributed_timeout_s=_DISTRIBUTED_TIMEOUT.value)  # fmt: skip
 
 
 def run(
@@ -185,9 +194,11 @@ def run(
     pretrained: str = "",
     compilation_cache: bool = True,
     distributed: tuple[str, int, int] = ("", 0, -1),
+    distributed_timeout_s: int = 600,
 ) -> None:
     """What the command does once its flags are parsed (the tests call it with a loaded config).
-    `distributed`: the coordinator address, process count and process id (defaults: detected)."""
+    `distributed`: the coordinator address, process count and process id (defaults: detected);
+    `distributed_timeout_s`: how long the processes wait for each other to connect."""
     if problem := control.workdir_problem(workdir, mode, pretrained):
         _fail(problem, _USAGE_ERROR)
     # Imported here, after the command is known to be sound: jax, flax and orbax take seconds.
@@ -209,16 +220,19 @@ def run(
     if compilation_cache and (mode == "train" or os.environ.get("JAX_COMPILATION_CACHE_DIR")):
         # An evaluation writes nothing into the run's folder: no cache there unless one is named.
         logging.info("compilation cache: %s", enable_compilation_cache(workdir))
-    parallel.initialize_distributed(*distributed)
+    parallel.initialize_distributed(*distributed, timeout_s=distributed_timeout_s)
     try:
-        if mode == "eval" and pretrained:
-            eval_mode.evaluate_checkpoint(config, workdir, pretrained=pretrained)
-        elif mode == "eval":
-            eval_mode.evaluate_workdir(config, workdir, step=step)
-        elif config.get("compare_methods"):
-            comparison.train_methods(config, workdir)
-        else:
-            loop.train_and_evaluate(config, workdir)
+        with parallel.peer_errors():
+            if mode == "eval" and pretrained:
+                eval_mode.evaluate_checkpoint(config, workdir, pretrained=pretrained)
+            elif mode == "eval":
+                eval_mode.evaluate_workdir(config, workdir, step=step)
+            elif config.get("compare_methods"):
+                comparison.train_methods(config, workdir)
+            else:
+                loop.train_and_evaluate(config, workdir)
+    except parallel.PeerError as error:
+        _fail(str(error), 1, at_once=True)
     except control.RunError as error:
         _fail(str(error), error.exit_code)
     except (checkpointing.CheckpointError, workdir_lock.WorkdirBusyError, data.DamagedDataError,

@@ -1,11 +1,14 @@
 """One run per --workdir: a lock file that refuses a second run on the same directory.
 
 Process 0 of a run holds `WorkdirLock(workdir)` for the whole run. The lock file
-`<workdir>/run.lock` records the holder's host, pid and start time; it is created
-atomically (O_CREAT | O_EXCL), and while held its modification time is refreshed every
-`HEARTBEAT_S` seconds by a daemon thread. A lock is stale, and is taken over with a
-warning, when
-- its holder ran on this host and that pid is no longer alive, or
+`<workdir>/run.lock` records the holder's host, pid and start time, and, to tell a live
+holder from a pid reused after a restart, the machine's boot id and the process's start
+time in the kernel's clock (Linux). It is created atomically (O_CREAT | O_EXCL), and while
+held its modification time is refreshed every `HEARTBEAT_S` seconds by a daemon thread. A
+lock is stale, and is taken over with a warning, when
+- its holder ran on this host and that pid is no longer alive, or is now another process
+  (a different start time or boot id: the machine or container restarted and reused the
+  pid, possibly for this very run), or
 - its holder ran on another host (whose processes we cannot see) and the lock has not
   been refreshed for `STALE_AFTER_S` seconds: that run was killed or lost its machine.
 `take_over=True` (the user's override, after checking that the other run is gone) takes
@@ -57,6 +60,8 @@ class WorkdirLock:
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "boot_id": _boot_id(),
+                "process_start": _process_start(os.getpid()),
             }
         ).encode()
         for _ in range(3):  # a take-over can race another process's; then look again
@@ -141,12 +146,46 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _boot_id() -> str | None:
+    """This boot of the machine (Linux); None where the kernel does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None
+    where unknown. With the boot id it names one process: a reused pid starts at another time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields_after_name = f.read().rsplit(")", 1)[1].split()  # the name may hold spaces
+    except OSError:
+        return None
+    return int(fields_after_name[19])  # field 22; fields_after_name starts at field 3
+
+
+def _same_host_stale_reason(holder: dict) -> str | None:
+    pid = int(holder["pid"])
+    if not _pid_alive(pid):
+        return f"pid {pid} is no longer running"
+    # Locks written before boot ids and start times were recorded fall back to the pid.
+    if holder.get("boot_id") and _boot_id() and holder["boot_id"] != _boot_id():
+        return f"it was written before this machine restarted (boot id {holder['boot_id']}); pid {pid} is another process now"
+    start = holder.get("process_start")
+    if start is not None and (now := _process_start(pid)) is not None and now != start:
+        who = "this run" if pid == os.getpid() else "another process"
+        return f"pid {pid} is {who} now (started at tick {now}, the holder at tick {start}): a restart reused the pid"
+    return None
+
+
 def _stale_reason(holder: dict | None, age_s: float) -> str | None:
     """Why the lock is abandoned, or None while its holder may be alive."""
     if holder is None:  # being written this instant, or damaged
         return f"unreadable and not refreshed for {age_s:.0f} s" if age_s > STALE_AFTER_S else None
     if holder["host"] == socket.gethostname():
-        return None if _pid_alive(int(holder["pid"])) else f"pid {holder['pid']} is no longer running"
+        return _same_host_stale_reason(holder)
     if age_s > STALE_AFTER_S:
         return f"not refreshed for {age_s:.0f} s (> {STALE_AFTER_S:.0f} s)"
     return None

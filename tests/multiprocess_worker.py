@@ -7,7 +7,9 @@ topology: process p contributes rows [p * B/P, (p + 1) * B/P). After the steps i
 run checkpoint (Orbax, all processes cooperating) and, with --restore_from, restores
 another run's checkpoint onto its own mesh. Process 0 writes the losses to
 <workdir>/result.json, the assembled global batches to <workdir>/batches.npz and the
-restored parameters to <workdir>/restored_params.npz.
+restored parameters to <workdir>/restored_params.npz. `--delay_first_step_s` makes this
+process late for the steps' first collective (one process compiling while the others
+loaded their programs from the cache).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -62,6 +65,7 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--data_dir", required=True, help="where the test prepared the synthetic pair")
     parser.add_argument("--restore_from", default="", help="a run dir whose latest checkpoint to restore")
+    parser.add_argument("--delay_first_step_s", type=float, default=0.0, help="sleep before the first step")
     args = parser.parse_args()
     flags.FLAGS.mark_as_parsed()  # grain reads absl flags
 
@@ -76,9 +80,13 @@ def main() -> None:
         config.data, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
     )
     losses, batches = [], []
+    time.sleep(args.delay_first_step_s)
     for step in range(NUM_STEPS):
         batch = parallel.global_batch(next(iterator), mesh)
+        gather_start = time.perf_counter()
         batches.append(parallel.to_host(batch))  # the assembled global batch, whole on every process
+        if step == 0:  # the first collective of the steps: here an early process waits for a late one
+            first_gather_s = time.perf_counter() - gather_start
         state, metrics = step_fn(state, batch, imagenet_params)
         losses.append({key: float(value) for key, value in parallel.to_host(metrics).items()})
 
@@ -92,6 +100,7 @@ def main() -> None:
         "devices": mesh.size,
         "losses": losses,
         "max_param_change": _max_abs_diff(final_params, initial_params),
+        "first_gather_s": first_gather_s,
     }
     if args.restore_from:
         other = checkpointing.RunCheckpointer(args.restore_from)

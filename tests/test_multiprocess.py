@@ -6,9 +6,12 @@ batches must be bit-identical across the two. (4 devices = 1 device, with the sa
 sampling groups, is tests/test_train.py's 8-vs-1 test, in one process.)
 Checkpoints cross process counts both ways: the 2-process worker restores the 1-process
 checkpoint, and this single test process restores what the 2-process run wrote.
-`launch/local_multiprocess.sh` runs `python -m t2s_jax.main` as 2 x 2 on the same config:
-SIGTERM to one process stops both at the same step, a rerun resumes, and the losses equal
-the 1 x 4 worker's.
+The 2-process worker's process 1 starts its steps late (longer than gloo's 30 s set-up limit),
+as when one process compiles while the other loaded its programs from the cache: process 0
+waits for it. `launch/local_multiprocess.sh` runs `python -m t2s_jax.main` as 2 x 2 on the
+same config: SIGTERM to one process stops both at the same step, a rerun resumes, and the
+losses equal the 1 x 4 worker's; `kill -9` of one process stops the other within seconds,
+in one line naming the lost process.
 """
 
 import json
@@ -18,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -34,7 +38,10 @@ import tiny  # noqa: E402
 pytestmark = pytest.mark.xdist_group("multiprocess")
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
-TIMEOUT_S = 400
+TIMEOUT_S = 600
+# Process 1's lateness for the first step: beyond the 30 s after which gloo gives up setting
+# up a connection (what crashed a resumed run whose process 0 loaded its steps from the cache).
+LATE_PEER_S = 40
 # Tiny programs: a quick compile matters more than fast code (same flags for every run).
 _FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                  "--xla_cpu_use_fusion_emitters=false")
@@ -56,7 +63,7 @@ def _env(devices_per_process: int, cache_dir: str) -> dict[str, str]:
     return env
 
 
-def _start_workers(workdir, num_processes, devices_per_process, cache_dir, data_dir, restore_from=""):
+def _start_workers(workdir, num_processes, devices_per_process, cache_dir, data_dir, restore_from="", delays=None):
     port = _free_port()
     processes = []
     for process_id in range(num_processes):
@@ -69,6 +76,8 @@ def _start_workers(workdir, num_processes, devices_per_process, cache_dir, data_
             ]
         if restore_from:
             command.append(f"--restore_from={restore_from}")
+        if delays and process_id in delays:
+            command.append(f"--delay_first_step_s={delays[process_id]}")
         processes.append(
             subprocess.Popen(
                 command, env=_env(devices_per_process, cache_dir),
@@ -101,7 +110,7 @@ def runs(tmp_path_factory):
 
     dirs = {name: str(root / name) for name in ("w1x4", "w2x2")}
     _wait(_start_workers(dirs["w1x4"], 1, 4, cache_dir, data_dir))
-    _wait(_start_workers(dirs["w2x2"], 2, 2, cache_dir, data_dir, restore_from=dirs["w1x4"]))
+    _wait(_start_workers(dirs["w2x2"], 2, 2, cache_dir, data_dir, restore_from=dirs["w1x4"], delays={1: LATE_PEER_S}))
 
     return {"config": config, "dirs": dirs, "data_dir": data_dir, "cache_dir": cache_dir}
 
@@ -188,6 +197,13 @@ def test_two_processes_equal_one_process(runs):
         )  # fmt: skip
 
 
+def test_a_process_late_for_the_first_step_is_waited_for(runs):
+    # Process 0 reached the steps' first collective (the batch's all-gather) about LATE_PEER_S
+    # before process 1 and waited there, beyond gloo's 30 s set-up limit, instead of failing;
+    # the runs finished with the losses of 1 x 4 (test_two_processes_equal_one_process).
+    assert _result(runs["dirs"]["w2x2"])["first_gather_s"] > 30
+
+
 def test_one_process_checkpoint_restores_in_two_processes(runs):
     dirs = runs["dirs"]
     result = _result(dirs["w2x2"])
@@ -208,10 +224,10 @@ def test_one_process_checkpoint_restores_in_two_processes(runs):
 LAUNCHER = os.path.join(tiny.REPO, "launch", "local_multiprocess.sh")
 
 
-def _launch(runs, workdir):
+def _launch(runs, workdir, **env_overrides):
     command = ["bash", LAUNCHER, "2", "2", tiny.DEMO_CONFIG, workdir,
                *tiny.as_flags(runs["data_dir"], "t2s", **worker.OVERRIDES)[1:]]  # fmt: skip
-    env = dict(_env(2, runs["cache_dir"]), XLA_FLAGS=_FAST_COMPILE, PORT=str(_free_port()))
+    env = dict(_env(2, runs["cache_dir"]), XLA_FLAGS=_FAST_COMPILE, PORT=str(_free_port()), **env_overrides)
     return subprocess.Popen(command, cwd=tiny.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -255,3 +271,28 @@ def test_the_launcher_resumes_and_its_losses_equal_one_process(runs, launched):
         for key, value in want.items():
             np.testing.assert_allclose(record[f"train/{key}"], value, rtol=2e-5, atol=1e-6, err_msg=f"step {record['step']} {key}")
     assert os.path.exists(os.path.join(launched["workdir"], "eval", f"step_{worker.NUM_STEPS}.json"))
+
+
+def test_kill_9_of_one_process_stops_the_other_in_one_line(runs, launched):
+    """After a peer dies the survivor stops by itself, naming it, long before the launcher
+    would kill it (GRACE_S)."""
+    workdir = os.path.join(os.path.dirname(runs["dirs"]["w1x4"]), "peer_killed")
+    process, lines, victim = _launch(runs, workdir, GRACE_S="120"), [], None
+    for line in process.stdout:
+        lines.append(line)
+        if match := re.search(r"\[process 1\].*process 1 of 2 \(pid (\d+)\)", line):
+            victim = int(match.group(1))
+        if victim and re.search(r"\[process 0\].*first step done", line):
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+            break
+    output, _ = process.communicate(timeout=TIMEOUT_S)
+    stopped_after_s = time.monotonic() - killed_at
+    output = "".join(lines) + output
+    assert process.returncode == 128 + signal.SIGKILL, output[-4000:]  # the first failure's status
+    assert f"[launcher] process 1 of 2 (pid {victim}) ended with status 137 (signal KILL)" in output
+    survivor = [line for line in output.splitlines() if line.startswith("[process 0]")]
+    errors = [line for line in survivor if "error:" in line]
+    assert len(errors) == 1 and "process 0 of 2 lost contact with process 1" in errors[0], output[-4000:]
+    assert "Traceback" not in "\n".join(survivor), output[-4000:]
+    assert stopped_after_s < 30, (stopped_after_s, output[-4000:])

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -78,12 +79,37 @@ def test_initialize_distributed_is_a_no_op_on_one_host(fake_distributed, monkeyp
 def test_initialize_distributed_auto_detects_several_processes(fake_distributed, monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
     parallel.initialize_distributed()
-    assert fake_distributed == [((), {})]
+    assert fake_distributed == [((), dict(initialization_timeout=parallel.DEFAULT_PEER_TIMEOUT_S))]
 
 
 def test_initialize_distributed_passes_explicit_flags(fake_distributed):
-    parallel.initialize_distributed("10.0.0.1:1234", 4, 2)
-    assert fake_distributed == [((), dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=2))]
+    parallel.initialize_distributed("10.0.0.1:1234", 4, 2, timeout_s=60)
+    assert fake_distributed == [
+        ((), dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=2, initialization_timeout=60))
+    ]
+
+
+def test_a_lost_peer_is_one_line_naming_it():
+    # What a survivor's collective raised after `kill -9` of its peer (jax 0.10, gloo).
+    reset = jax.errors.JaxRuntimeError(
+        "UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/pair.cc:538] "
+        "Read error [127.0.0.1]:41197: Connection reset by peer"
+    )
+    with pytest.raises(parallel.PeerError) as error:
+        with parallel.peer_errors(), parallel.peer_errors():  # said once, however deep
+            raise reset
+    message = str(error.value)
+    assert "\n" not in message and "pair.cc" not in message
+    assert message.startswith("process 0 of 1 lost contact with another process at 127.0.0.1 (")
+    assert "Read error [127.0.0.1]:41197: Connection reset by peer" in message and "Rerun" in message
+    coordination = RuntimeError("DEADLINE_EXCEEDED: Barrier timed out. Some timed out task names:\n"
+                                "/job:jax_worker/replica:0/task:3 is unhealthy (heartbeat timeout)")  # fmt: skip
+    assert "lost contact with process 3 (" in parallel.peer_failure(coordination)
+    other = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    assert parallel.peer_failure(other) is None
+    with pytest.raises(jax.errors.JaxRuntimeError, match="out of memory"):
+        with parallel.peer_errors():
+            raise other
 
 
 _WORKER = textwrap.dedent(
@@ -142,3 +168,18 @@ def test_two_processes_assemble_one_global_batch(tmp_path):
         assert result["shape"] == [8, 3]
         assert result["total"] == expected_total
         assert result["rows"] == expected_rows
+
+
+def test_a_process_that_never_connects_stops_the_run_after_distributed_timeout(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    command = [sys.executable, "-m", "t2s_jax.main", f"--config={repo}/configs/synthetic_demo.py",
+               f"--workdir={tmp_path / 'run'}", f"--coordinator_address=127.0.0.1:{_free_port()}",
+               "--num_processes=2", "--process_id=0", "--distributed_timeout=3"]  # fmt: skip
+    started = time.monotonic()
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    # Process 1 never starts: process 0 says how long it waits, then JAX stops it.
+    assert finished.returncode != 0
+    assert "waiting up to 3 s for every process of the run to connect" in finished.stderr
+    assert "DEADLINE_EXCEEDED" in finished.stderr
+    assert time.monotonic() - started < 60

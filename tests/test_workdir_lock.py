@@ -13,10 +13,10 @@ from t2s_jax import workdir_lock
 from t2s_jax.workdir_lock import WorkdirBusyError, WorkdirLock
 
 
-def _write_lock(workdir, host, pid, age_s=0.0):
+def _write_lock(workdir, host, pid, age_s=0.0, **identity):
     path = os.path.join(str(workdir), workdir_lock.LOCK_NAME)
     with open(path, "w") as f:
-        json.dump({"host": host, "pid": pid, "started": "2024-05-01T10:00:00+00:00"}, f)
+        json.dump({"host": host, "pid": pid, "started": "2024-05-01T10:00:00+00:00", **identity}, f)
     then = time.time() - age_s
     os.utime(path, (then, then))
     return path
@@ -32,6 +32,7 @@ def test_second_holder_refused_with_who_and_since(tmp_path):
     with WorkdirLock(str(tmp_path)) as lock:
         record = json.load(open(lock.path))
         assert record["host"] == socket.gethostname() and record["pid"] == os.getpid()
+        assert record["boot_id"] == workdir_lock._boot_id() and record["process_start"] > 0
         with pytest.raises(WorkdirBusyError) as error:
             WorkdirLock(str(tmp_path)).acquire()
         message = str(error.value)
@@ -57,6 +58,32 @@ def test_stale_lock_of_dead_pid_is_taken_over(tmp_path, caplog):
     with caplog.at_level(logging.WARNING), WorkdirLock(str(tmp_path)) as lock:
         assert json.load(open(lock.path))["pid"] == os.getpid()
     assert f"pid {pid} is no longer running" in caplog.text
+
+
+def test_lock_of_a_reused_pid_is_taken_over(tmp_path, caplog):
+    """A container restart reuses pids: the earlier run's lock may name this very run's pid,
+    or another live process's; its start time or boot id tells them apart."""
+    host, me = socket.gethostname(), os.getpid()
+    boot_id, my_start = workdir_lock._boot_id(), workdir_lock._process_start(me)
+    _write_lock(tmp_path, host, me, boot_id=boot_id, process_start=my_start)
+    with pytest.raises(WorkdirBusyError, match=f"in use by pid {me}"):  # the same process: live
+        WorkdirLock(str(tmp_path)).acquire()
+    with caplog.at_level(logging.WARNING):
+        _write_lock(tmp_path, host, me, boot_id=boot_id, process_start=my_start - 1)
+        with WorkdirLock(str(tmp_path)):
+            pass
+        assert f"pid {me} is this run now" in caplog.text
+        with subprocess.Popen(["sleep", "30"]) as other:
+            start = workdir_lock._process_start(other.pid)
+            _write_lock(tmp_path, host, other.pid, boot_id=boot_id, process_start=start)
+            with pytest.raises(WorkdirBusyError, match=f"in use by pid {other.pid}"):
+                WorkdirLock(str(tmp_path)).acquire()
+            _write_lock(tmp_path, host, other.pid, boot_id="another-boot", process_start=start)
+            with WorkdirLock(str(tmp_path)):
+                pass
+            other.kill()
+        assert "before this machine restarted (boot id another-boot)" in caplog.text
+    assert len([line for line in caplog.text.splitlines() if "taking over" in line]) == 2
 
 
 def test_other_host_lock_live_until_not_refreshed(tmp_path, caplog):
