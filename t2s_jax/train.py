@@ -660,7 +660,7 @@ def _with_saved_method(config: ml_collections.ConfigDict, workdir: str) -> ml_co
     if not os.path.exists(saved_path):
         return config
     with open(saved_path) as f:
-        saved_method = json.load(f).get("method", config.method)
+        saved_method = json.load(f)["method"]
     if saved_method == config.method:
         return config
     logging.info("%s was trained with method=%s; evaluating it as such", workdir, saved_method)
@@ -678,7 +678,7 @@ def train_methods(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     checkpoint; a rerun skips the finished runs (their saved final evaluations fill the
     table) and resumes the one that stopped.
     """
-    seeds = tuple(config.get("compare_seeds") or (config.seed,))
+    seeds = tuple(config.compare_seeds or (config.seed,))
     prepare_workdir(workdir)
     results: dict[str, list[dict]] = {}
     with _stop_signals(), _workdir_lock(workdir):
