@@ -1,8 +1,9 @@
 """The configuration schema: every knob of a run, with its default and why.
 
-Benchmark files in `configs/` start from `default_config()` and override what they
-change. Defaults follow `docs/method.md` (T2S-DA on a DAFormer host, MiT-B5,
-GTA5 -> Cityscapes). Sizes are (height, width) everywhere.
+Benchmark files in `configs/` start from `default_config()` (through `t2s_jax/benchmarks.py`)
+and override what they change. Defaults follow `docs/method.md` (T2S-DA on a DAFormer host,
+MiT-B5, GTA5 -> Cityscapes). Sizes are (height, width) everywhere. `RULES` says what each value
+outside the loss terms' sections may be; `check` applies them before a run builds anything.
 """
 
 from __future__ import annotations
@@ -263,10 +264,10 @@ def one_of(*choices: str) -> Rule:
 def integers(length: int | None, minimum: int, example: str) -> Rule:
     """A tuple of `length` integers >= `minimum` (any length if None)."""
     count = "" if length is None else f"{length} "
-    return Rule(
-        f"a tuple of {count}integers >= {minimum}, e.g. {example}",
-        lambda v: isinstance(v, tuple) and (length is None or len(v) == length) and all(_is_int(x) and x >= minimum for x in v),
-    )
+    def accepts(v: Any) -> bool:
+        return isinstance(v, tuple) and len(v) == (len(v) if length is None else length) and all(_is_int(x) and x >= minimum for x in v)
+
+    return Rule(f"a tuple of {count}integers >= {minimum}, e.g. {example}", accepts)
 
 
 POSITIVE = integer(1)
@@ -277,7 +278,9 @@ STAGES = integers(4, 1, "(64, 128, 320, 512) (one per MiT stage)")
 BOOL = Rule("True or False", lambda v: isinstance(v, bool))
 TEXT = Rule("text", lambda v: isinstance(v, str))
 NAME = Rule("a non-empty name", lambda v: isinstance(v, str) and bool(v))
-NAMES = Rule("a tuple of names, e.g. ('daformer', 't2s')", lambda v: isinstance(v, tuple) and all(isinstance(x, str) and x for x in v))
+NAMES = Rule(
+    "a tuple of names, e.g. ('daformer', 't2s')", lambda v: isinstance(v, tuple) and all(isinstance(x, str) and x for x in v)
+)
 
 # The values the model and evaluation accept (tests/test_config_schema.py ties each to the
 # code that implements it).
@@ -364,7 +367,8 @@ RULES: dict[str, Rule] = {
 }
 
 
-def _value(config: ml_collections.ConfigDict, key: str) -> Any:
+def value_of(config: ml_collections.ConfigDict, key: str) -> Any:
+    """`config.<key>` for a dotted key such as 'data.crop_hw'."""
     for part in key.split("."):
         config = config[part]
     return config
@@ -374,8 +378,9 @@ def expected(config: ml_collections.ConfigDict, key: str) -> str:
     """What `config.<key>` may be: its rule's words, else its current value's type."""
     if key in RULES:
         return RULES[key].expected
-    value = _value(config, key)
-    for kind, words in ((bool, BOOL.expected), (int, "an integer"), (float, "a number"), (str, "text"), (tuple, "a tuple, e.g. (1, 2)")):
+    value = value_of(config, key)
+    kinds = ((bool, BOOL.expected), (int, "an integer"), (float, "a number"), (str, "text"), (tuple, "a tuple"))
+    for kind, words in kinds:
         if isinstance(value, kind):
             return words
     return type(value).__name__
@@ -385,7 +390,7 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
     """One line per value of `config` that breaks its rule (type or range), naming the key."""
     problems = []
     for key, rule in RULES.items():
-        value = _value(config, key)
+        value = value_of(config, key)
         if not rule.accepts(value):
             problems.append(f"config.{key}={value!r}: expected {rule.expected}")
     return problems

@@ -159,7 +159,11 @@ def _flag_problem(error: flags.Error, argv: list[str]) -> str:
     if match is None:
         return message
     key, value = match.groups()
-    return f"config.{key}={value} (--config.{key}): expected {schema.expected(load_config_file(_flag_value(argv, 'config')), key)}"
+    try:
+        expected = schema.expected(load_config_file(_flag_value(argv, "config")), key)
+    except (KeyError, AttributeError, TypeError):  # inside a leaf (a tuple index): absl's words
+        return message
+    return f"config.{key}={value} (--config.{key}): expected {expected}"
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

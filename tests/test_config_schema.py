@@ -98,7 +98,7 @@ def test_every_config_and_method_loads_and_passes_the_rules(name, method):
         assert config.method == method
         assert not config.data.target if method in methods.TARGET_FREE else config.data.target == "cityscapes"
         for key, value in benchmarks.METHOD_SETTINGS.get(method, {}).items():
-            assert schema._value(config, key) == value  # noqa: SLF001
+            assert schema.value_of(config, key) == value
 
 
 def test_the_benchmarks_offer_every_preset_and_dg_only_the_target_free_ones():
