@@ -1,11 +1,15 @@
 """The configuration schema: every knob of a run, with its default and why.
 
-Benchmark files in `configs/` start from `default_config()` and override what they
-change. Defaults follow `docs/method.md` (T2S-DA on a DAFormer host, MiT-B5,
-GTA5 -> Cityscapes). Sizes are (height, width) everywhere.
+Benchmark files in `configs/` start from `default_config()` (through `t2s_jax/benchmarks.py`)
+and override what they change. Defaults follow `docs/method.md` (T2S-DA on a DAFormer host,
+MiT-B5, GTA5 -> Cityscapes). Sizes are (height, width) everywhere. `RULES` says what each value
+outside the loss terms' sections may be; `check` applies them before a run builds anything.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
 
 import ml_collections
 
@@ -60,6 +64,10 @@ def default_config() -> ml_collections.ConfigDict:
     # e.g. ('source', 'feature_distance', 'dacs', 'pull', 'mic'); () = the preset's.
     config.terms = ()
     config.num_devices = 0  # devices of the data mesh; 0 = every device of every process
+    # Several presets trained one after the other in <workdir>/<method>, their mIoU side by side
+    # (the demo); () = train `method` alone.
+    config.compare_methods = ()
+    config.compare_seeds = ()  # with compare_methods: every method once per seed; () = `seed` alone
 
     # ---------------------------------------------------------------- model
     model = config.model = ml_collections.ConfigDict()
@@ -77,6 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
     model.projector.input = "decoder"
     model.projector.hidden_channels = 256
     model.projector.dim = 256
+    # Set by the run from the method (train.model_config_for_run: a term reads projections);
+    # the value given here is replaced.
+    model.projector.enabled = False
     model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
     # Each stage's repeated blocks as one block scanned over stacked parameters: XLA compiles a
     # stage once, not once per block (B5's 40-block stage), for a shorter first step.
@@ -207,3 +218,179 @@ def default_config() -> ml_collections.ConfigDict:
     evaluation.slide_crop_hw = (512, 512)
     evaluation.slide_stride_hw = (341, 341)
     return config
+
+
+# ---------------------------------------------------------------------------- what values may be
+
+
+class ConfigError(ValueError):
+    """A config value, file or argument that cannot work; the command reports it in one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What a config value may be: `expected` words it for the one-line error."""
+
+    expected: str
+    accepts: Callable[[Any], bool]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def integer(minimum: int) -> Rule:
+    return Rule(f"an integer >= {minimum}", lambda v: _is_int(v) and v >= minimum)
+
+
+def number(low: float, high: float = float("inf"), *, open_low: bool = False, open_high: bool = False) -> Rule:
+    """A number in [low, high], each end open where asked."""
+    bounds = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high or high == float('inf') else ']'}"
+
+    def accepts(v: Any) -> bool:
+        return _is_number(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+
+    return Rule(f"a number in {bounds}", accepts)
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(f"one of {', '.join(map(repr, choices))}", lambda v: isinstance(v, str) and v in choices)
+
+
+def integers(length: int | None, minimum: int, example: str) -> Rule:
+    """A tuple of `length` integers >= `minimum` (any length if None)."""
+    count = "" if length is None else f"{length} "
+    def accepts(v: Any) -> bool:
+        return isinstance(v, tuple) and len(v) == (len(v) if length is None else length) and all(_is_int(x) and x >= minimum for x in v)
+
+    return Rule(f"a tuple of {count}integers >= {minimum}, e.g. {example}", accepts)
+
+
+POSITIVE = integer(1)
+NON_NEGATIVE = integer(0)
+PROBABILITY = number(0, 1)
+HW = integers(2, 1, "(512, 512) (height, width)")
+STAGES = integers(4, 1, "(64, 128, 320, 512) (one per MiT stage)")
+BOOL = Rule("True or False", lambda v: isinstance(v, bool))
+TEXT = Rule("text", lambda v: isinstance(v, str))
+NAME = Rule("a non-empty name", lambda v: isinstance(v, str) and bool(v))
+NAMES = Rule(
+    "a tuple of names, e.g. ('daformer', 't2s')", lambda v: isinstance(v, tuple) and all(isinstance(x, str) and x for x in v)
+)
+
+# The values the model and evaluation accept (tests/test_config_schema.py ties each to the
+# code that implements it).
+HEADS = ("daformer", "segformer")
+PROJECTOR_INPUTS = ("decoder", "encoder")
+DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("", "xla", "cudnn")
+EVAL_MODES = ("whole", "slide")
+
+# Every key outside the loss terms' sections (uda, mic, masktwins, pull: each term checks its
+# own options when it is built), checked by `check` before anything is built.
+RULES: dict[str, Rule] = {
+    "seed": NON_NEGATIVE,
+    "method": NAME,  # presets: t2s_jax/methods.py, checked by the command
+    "terms": NAMES,
+    "num_devices": NON_NEGATIVE,
+    "compare_methods": NAMES,
+    "compare_seeds": integers(None, 0, "(0, 1, 2)"),
+    "model.encoder.embed_dims": STAGES,
+    "model.encoder.depths": integers(4, 1, "(3, 6, 40, 3) (one per MiT stage)"),
+    "model.encoder.num_heads": integers(4, 1, "(1, 2, 5, 8) (one per MiT stage)"),
+    "model.encoder.sr_ratios": integers(4, 1, "(8, 4, 2, 1) (one per MiT stage)"),
+    "model.encoder.mlp_ratio": POSITIVE,
+    "model.encoder.drop_path_rate": number(0, 1, open_high=True),
+    "model.encoder.embed_norm_eps": number(0, open_low=True),
+    "model.encoder.block_norm_eps": number(0, open_low=True),
+    "model.head": one_of(*HEADS),
+    "model.head_channels": POSITIVE,
+    "model.aspp_dilations": integers(None, 1, "(6, 12, 18)"),
+    "model.dropout_rate": number(0, 1, open_high=True),
+    "model.num_classes": POSITIVE,
+    "model.bn_momentum": PROBABILITY,
+    "model.bn_eps": number(0, open_low=True),
+    "model.projector.input": one_of(*PROJECTOR_INPUTS),
+    "model.projector.hidden_channels": POSITIVE,
+    "model.projector.dim": POSITIVE,
+    "model.projector.enabled": Rule("False (the run sets it from the method's terms)", lambda v: v is False),
+    "model.dtype": one_of(*DTYPES),
+    "model.scan_blocks": BOOL,
+    "model.remat": one_of(*REMAT),
+    "model.attention_impl": one_of(*ATTENTION_IMPLS),
+    "model.pretrained": TEXT,
+    "data.data_dir": NAME,
+    "data.source": NAME,
+    "data.target": TEXT,
+    "data.source_split": NAME,
+    "data.target_split": NAME,
+    "data.source_resize_hw": HW,
+    "data.target_resize_hw": HW,
+    "data.crop_hw": HW,
+    "data.cat_max_ratio": number(0, 1, open_low=True),
+    "data.crop_retries": NON_NEGATIVE,
+    "data.flip_prob": PROBABILITY,
+    "data.rcs.enabled": BOOL,
+    "data.rcs.temperature": number(0, open_low=True),
+    "data.rcs.min_pixels": NON_NEGATIVE,
+    "data.rcs.min_crop_pixels": NON_NEGATIVE,
+    "data.batch_size": POSITIVE,
+    "data.num_workers": NON_NEGATIVE,
+    "data.prefetch": NON_NEGATIVE,
+    "data.eval_dataset": NAME,
+    "data.eval_split": NAME,
+    "data.eval_resize_hw": HW,
+    "data.eval_batch_size": POSITIVE,
+    "data.max_eval_examples": NON_NEGATIVE,
+    "optim.learning_rate": number(0, open_low=True),
+    "optim.head_lr_multiplier": number(0, open_low=True),
+    "optim.b1": number(0, 1, open_high=True),
+    "optim.b2": number(0, 1, open_high=True),
+    "optim.weight_decay": number(0),
+    "optim.warmup_steps": NON_NEGATIVE,
+    "optim.warmup_ratio": PROBABILITY,
+    "optim.poly_power": number(0),
+    "train.num_steps": POSITIVE,
+    "train.log_every": POSITIVE,
+    "train.eval_every": POSITIVE,
+    "train.checkpoint_every": POSITIVE,
+    "train.keep_checkpoints": POSITIVE,
+    "train.num_pictures": NON_NEGATIVE,
+    "eval.mode": one_of(*EVAL_MODES),
+    "eval.slide_crop_hw": HW,
+    "eval.slide_stride_hw": HW,
+}
+
+
+def value_of(config: ml_collections.ConfigDict, key: str) -> Any:
+    """`config.<key>` for a dotted key such as 'data.crop_hw'."""
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def expected(config: ml_collections.ConfigDict, key: str) -> str:
+    """What `config.<key>` may be: its rule's words, else its current value's type."""
+    if key in RULES:
+        return RULES[key].expected
+    value = value_of(config, key)
+    kinds = ((bool, BOOL.expected), (int, "an integer"), (float, "a number"), (str, "text"), (tuple, "a tuple"))
+    for kind, words in kinds:
+        if isinstance(value, kind):
+            return words
+    return type(value).__name__
+
+
+def check(config: ml_collections.ConfigDict) -> list[str]:
+    """One line per value of `config` that breaks its rule (type or range), naming the key."""
+    problems = []
+    for key, rule in RULES.items():
+        value = value_of(config, key)
+        if not rule.accepts(value):
+            problems.append(f"config.{key}={value!r}: expected {rule.expected}")
+    return problems

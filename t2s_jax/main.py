@@ -20,6 +20,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from t2s_jax import config as schema
 from t2s_jax.training import control  # light: the command is checked before jax is imported
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.", lock_config=True)
@@ -86,7 +87,8 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """The config of `--config=PATH[:ARGUMENT]`: `get_config(ARGUMENT)` of that file, unlocked."""
+    """The config of `--config=PATH[:ARGUMENT]`: `get_config(ARGUMENT)` of that file, unlocked.
+    A file's refusal of its argument (an unknown method) is a `config.ConfigError`."""
     path, _, argument = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("t2s_run_config", path)
     module = importlib.util.module_from_spec(module_spec)
@@ -109,15 +111,36 @@ def _unknown_key(config: ml_collections.ConfigDict, dotted: str) -> str | None:
     return None
 
 
+# Config files merged into one file per host and benchmark, the method as its argument; the
+# pointers go with the next release.
+_RENAMED_CONFIGS = {
+    "gta_cs_daformer_baseline.py": "gta_cs_daformer.py:daformer",
+    "gta_cs_source_only.py": "gta_cs_daformer.py:source_only",
+    "gta_cs_mic.py": "gta_cs_daformer.py:mic",
+    "gta_cs_t2s_mic.py": "gta_cs_daformer.py:t2s_mic",
+    "gta_cs_masktwins.py": "gta_cs_daformer.py:masktwins",
+    "synthia_cs_daformer_baseline.py": "synthia_cs_daformer.py:daformer",
+    "synthia_cs_mic.py": "synthia_cs_daformer.py:mic",
+    "synthia_cs_t2s_mic.py": "synthia_cs_daformer.py:t2s_mic",
+    "synthia_cs_masktwins.py": "synthia_cs_daformer.py:masktwins",
+}
+
+
 def _config_problem(argv: list[str]) -> str | None:
     """One line on a --config file or --config.* override that cannot work, or None."""
     spec = _flag_value(argv, "config")
     if spec is None:
         return None  # absl reports the missing required flag
     path = spec.partition(":")[0]
+    folder, name = os.path.split(path)
+    if name in _RENAMED_CONFIGS and not os.path.isfile(path):
+        return f"config file {path} was renamed: use --config={os.path.join(folder, _RENAMED_CONFIGS[name])}"
     if not os.path.isfile(path):
         return f"config file {path} (--config) does not exist; the benchmark configs are in configs/, e.g. --config=configs/synthetic_demo.py"
-    config = load_config_file(spec)
+    try:
+        config = load_config_file(spec)
+    except schema.ConfigError as error:
+        return f"--config={spec}: {error}"
     for arg in argv:
         if match := re.fullmatch(r"--?(?:no)?config\.([\w.]+)(?:\[.*)?(?:=.*)?", arg):
             if problem := _unknown_key(config, match.group(1)):
@@ -125,10 +148,27 @@ def _config_problem(argv: list[str]) -> str | None:
     return None
 
 
+def _flag_problem(error: flags.Error, argv: list[str]) -> str:
+    """One line for a flag absl could not parse; an override's names the key and what it may be."""
+    message = str(error).splitlines()[0]
+    match = re.match(r"flag --(?:no)?config\.([\w.]+)=(.*?): ", message)
+    if match is None:
+        return message
+    key, value = match.groups()
+    try:
+        expected = schema.expected(load_config_file(_flag_value(argv, "config")), key)
+    except (KeyError, AttributeError, TypeError):  # inside a leaf (a tuple index): absl's words
+        return message
+    return f"config.{key}={value} (--config.{key}): expected {expected}"
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     if problem := _config_problem(argv[1:]):
         _fail(problem, _USAGE_ERROR)
-    return app.parse_flags_with_usage(argv)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        _fail(_flag_problem(error, argv[1:]), _USAGE_ERROR)
 
 
 def _pretrained_problem(config: ml_collections.ConfigDict, mode: str, pretrained: str) -> str | None:
@@ -145,8 +185,8 @@ def _pretrained_problem(config: ml_collections.ConfigDict, mode: str, pretrained
 
 
 def _method_problem(config: ml_collections.ConfigDict, methods: tuple[str, ...]) -> str | None:
-    method = [] if config.get("terms") else [config.method]  # explicit terms name no preset
-    for key, names in (("method", method), ("compare_methods", list(config.get("compare_methods") or ()))):
+    method = [] if config.terms else [config.method]  # explicit terms name no preset
+    for key, names in (("method", method), ("compare_methods", config.compare_methods)):
         unknown = [name for name in names if name not in methods]
         if unknown:
             return f"config.{key}: unknown method {unknown[0]!r}; expected one of {', '.join(methods)}"
@@ -199,6 +239,8 @@ def run(
     """What the command does once its flags are parsed (the tests call it with a loaded config).
     `distributed`: the coordinator address, process count and process id (defaults: detected);
     `distributed_timeout_s`: how long the processes wait for each other to connect."""
+    if problems := schema.check(config):
+        _fail("; ".join(problems), _USAGE_ERROR)
     if problem := control.workdir_problem(workdir, mode, pretrained):
         _fail(problem, _USAGE_ERROR)
     # Imported here, after the command is known to be sound: jax, flax and orbax take seconds.
@@ -227,7 +269,7 @@ def run(
                 eval_mode.evaluate_checkpoint(config, workdir, pretrained=pretrained)
             elif mode == "eval":
                 eval_mode.evaluate_workdir(config, workdir, step=step)
-            elif config.get("compare_methods"):
+            elif config.compare_methods:
                 comparison.train_methods(config, workdir)
             else:
                 loop.train_and_evaluate(config, workdir)

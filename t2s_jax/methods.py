@@ -37,7 +37,7 @@ TARGET_FREE = ("source_only", "dg")
 
 def term_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """`config.terms` if set, else the preset of `config.method`."""
-    names = tuple(config.get("terms") or ())
+    names = tuple(config.terms)
     if not names:
         if config.method not in PRESETS:
             raise ValueError(f"config.method={config.method!r}; expected one of {tuple(PRESETS)} (or set config.terms)")

@@ -1,9 +1,8 @@
-"""Every file in configs/ trains and evaluates through what `python -m t2s_jax.main` runs
-(`main.run`), on 2 of the 8 fake devices, and each method's run resumes from its checkpoint:
-the code path a user runs, shrunk by overrides (tiny MiT, 64x64 crops, datasets in the
-published layouts, MiT weights in the mmseg key layout)."""
+"""Every (config, method) of configs/ trains and evaluates through what `python -m t2s_jax.main`
+runs (`main.run`), on 2 of the 8 fake devices, and each method's run resumes from its
+checkpoint: the code path a user runs, shrunk by overrides (tiny MiT, 64x64 crops, datasets in
+the published layouts, MiT weights in the mmseg key layout)."""
 
-import glob
 import json
 import os
 import shutil
@@ -21,8 +20,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import dataset_trees  # noqa: E402
 import test_weights  # noqa: E402
 import tiny  # noqa: E402
+from test_config_schema import benchmark_pairs, load  # noqa: E402
 
-CONFIGS = sorted(os.path.basename(path) for path in glob.glob(os.path.join(tiny.REPO, "configs", "*.py")))
+PAIRS = benchmark_pairs()
+# Pairs that are the same run as another (the same config): trained once.
+SAME_AS = {
+    ("gta_dg_daformer.py", "dg"): ("gta_cs_daformer.py", "dg"),
+    ("gta_dg_daformer.py", "source_only"): ("gta_cs_daformer.py", "source_only"),
+}
 
 _ENCODER = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
 
@@ -63,31 +68,34 @@ def prepared(tmp_path_factory):
     return root
 
 
-def _run(config_name: str, workdir: str, overrides: dict) -> None:
-    """`python -m t2s_jax.main --config=configs/<name> --workdir=... --config.<key>=...`, in
-    process (the command-line parsing of overrides is tested in tests/test_faults.py)."""
-    config = main.load_config_file(os.path.join(tiny.REPO, "configs", config_name))
+def _run(config_name: str, method: str, workdir: str, overrides: dict) -> None:
+    """`python -m t2s_jax.main --config=configs/<name>[:<method>] --workdir=... --config.<key>=...`,
+    in process (the command-line parsing is tested in tests/test_config_schema.py)."""
+    config = load(config_name, method)
     config.update_from_flattened_dict(overrides)
     main.run(config, workdir)
 
 
-@pytest.mark.parametrize("config_name", CONFIGS)
-def test_config_trains_evaluates_and_resumes(config_name, prepared, tmp_path):
+@pytest.mark.parametrize("config_name,method", PAIRS, ids=[f"{name}:{method}" if method else name for name, method in PAIRS])
+def test_config_trains_evaluates_and_resumes(config_name, method, prepared, tmp_path):
     """Two steps, a checkpoint after each and an evaluation at the end; then the run dies
     after step 1's checkpoint (step 2's is gone) and the same command resumes: step 2 again,
     bit for bit, logged once, evaluated and saved. The resume depends on the method's train
-    state, not on the dataset: the SYNTHIA configs (same methods as the GTA5 ones) skip it,
-    and the demo's resumes and reruns are tests/test_faults.py's subject."""
+    state, not on the dataset: the SYNTHIA pairs (the same methods as the GTA5 ones, the same
+    compiled steps) skip it, and the demo's resumes and reruns are tests/test_faults.py's subject."""
+    if (config_name, method) in SAME_AS:
+        assert load(config_name, method) == load(*SAME_AS[config_name, method])
+        return
     overrides = _tiny_overrides(str(prepared / "tfds"), str(prepared / "mit.pth"))
     if config_name == "synthetic_demo.py":  # its own data; random init, as the demo runs
         del overrides["model.pretrained"]
         overrides.update({"data.data_dir": str(prepared / "synthetic"), "data.source_resize_hw": (128, 256),
                           "data.target_resize_hw": (128, 256)})
-    resumes = not (config_name.startswith("synthia_") or config_name == "synthetic_demo.py")
+    resumes = config_name == "gta_cs_daformer.py"
     if not resumes:
         overrides["train.checkpoint_every"] = 2
     workdir = str(tmp_path / "run")
-    _run(config_name, workdir, overrides)
+    _run(config_name, method, workdir, overrides)
     runs = eval_mode.find_runs(workdir)
     assert runs, os.listdir(workdir)
     first_losses = {}
@@ -100,7 +108,7 @@ def test_config_trains_evaluates_and_resumes(config_name, prepared, tmp_path):
         return
     for run in runs:
         shutil.rmtree(os.path.join(run, "checkpoints", "2"))
-    _run(config_name, workdir, overrides)
+    _run(config_name, method, workdir, overrides)
     for run in runs:
         assert checkpointing.RunCheckpointer(run).latest_step() == 2
         assert tiny.logged_losses(run) == first_losses[run]  # steps 1 and 2, once each, the same values

@@ -194,6 +194,20 @@ def _kill_when(process, ready, lines):
     return "".join(lines)
 
 
+def _failing_evaluations(session_dirs):
+    """The environment of a command whose evaluations raise: a sitecustomize on its path
+    (config values that would make them raise are refused before the run starts)."""
+    folder = session_dirs["root"] / "failing_evaluations"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "from t2s_jax import evaluate\n"
+        "def _raise(*args, **kwargs):\n"
+        "    raise ValueError('injected evaluation failure')\n"
+        "evaluate.predict_logits = _raise\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join([str(folder), _env(session_dirs)["PYTHONPATH"]])}
+
+
 def test_an_evaluation_error_and_kills_mid_step_and_mid_save_lose_nothing(session_dirs, comparison):
     """An evaluation that raises, then kill -9 after a step and during a save: every rerun
     resumes from the newest good checkpoint and the run ends with every step logged once,
@@ -201,8 +215,8 @@ def test_an_evaluation_error_and_kills_mid_step_and_mid_save_lose_nothing(sessio
     workdir = str(session_dirs["root"] / "killed")
     overrides = {"seed": 1}
     # The first evaluation (step 2) raises: its checkpoint is saved all the same.
-    returncode, output = _run(session_dirs, workdir, overrides={**overrides, "eval.mode": "bogus"})
-    assert returncode == 1 and "unknown inference mode 'bogus'" in output, output[-3000:]
+    returncode, output = _run(session_dirs, workdir, overrides=overrides, env=_failing_evaluations(session_dirs))
+    assert returncode == 1 and "injected evaluation failure" in output, output[-3000:]
     assert _checkpoint_steps(workdir) == [2] and not os.path.exists(os.path.join(workdir, "eval", "step_2.json"))
     # Resumed at step 2, which it evaluates first; killed right after step 3 is logged.
     output = _kill_when(_start(session_dirs, workdir, overrides=overrides), lambda lines: any("step 3/4" in l for l in lines), [])

@@ -57,7 +57,7 @@ class Segmentor(nnx.Module):
         self.projector_input = projector_config.input
         if projector_config.input not in ("decoder", "encoder"):
             raise ValueError(f"unknown projector input {projector_config.input!r}; expected 'decoder' or 'encoder'")
-        if projector_config.get("enabled", False):
+        if projector_config.enabled:
             in_channels = int(model_config.head_channels) if projector_config.input == "decoder" else embed_dims[-1]
             self.projector = Projector(
                 in_channels,

@@ -24,7 +24,7 @@ def train_methods(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     checkpoint; a rerun skips the finished runs (their saved final evaluations fill the
     table) and resumes the one that stopped.
     """
-    seeds = tuple(config.get("compare_seeds") or (config.seed,))
+    seeds = tuple(config.compare_seeds or (config.seed,))
     prepare_workdir(workdir)
     results: dict[str, list[dict]] = {}
     with stop_signals(), workdir_lock(workdir):

@@ -1,0 +1,185 @@
+"""The config schema and the doors around it: every key has a rule, values are checked by type
+and range before anything is built, and every (config, method) a user can ask for loads,
+states the number it targets and is in the README's table."""
+
+import glob
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from t2s_jax import benchmarks, config as schema, evaluate, main, methods
+from t2s_jax.models import layers, mit
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny  # noqa: E402
+
+# Sections whose options their loss term checks when it is built.
+TERM_SECTIONS = ("uda", "mic", "masktwins", "pull")
+
+
+def config_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"config_{name[:-3]}", os.path.join(tiny.REPO, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def benchmark_pairs() -> list[tuple[str, str]]:
+    """Every (config file, method) of configs/ a user can ask for; the demo takes no method."""
+    pairs = []
+    for path in sorted(glob.glob(os.path.join(tiny.REPO, "configs", "*.py"))):
+        name = os.path.basename(path)
+        pairs += [(name, method) for method in getattr(config_module(name), "TARGETS", {"": None})]
+    return pairs
+
+
+def load(name: str, method: str):
+    return main.load_config_file(os.path.join(tiny.REPO, "configs", f"{name}:{method}" if method else name))
+
+
+def _leaves(config, prefix=""):
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_every_key_outside_the_terms_sections_has_a_rule():
+    keys = {key for key in _leaves(schema.default_config()) if key.split(".")[0] not in TERM_SECTIONS}
+    assert keys == set(schema.RULES)
+
+
+def test_the_choices_of_the_rules_are_the_codes():
+    """Each enum of the schema is what the code that reads it accepts, and nothing more."""
+    assert set(schema.DTYPES) == set(layers.DTYPES)
+    assert set(schema.REMAT) == set(layers.REMAT_POLICIES)
+    for name in schema.ATTENTION_IMPLS:
+        mit.attention_implementation(name)
+    with pytest.raises(ValueError):
+        mit.attention_implementation("flash")
+    import jax.numpy as jnp
+
+    images = jnp.zeros((1, 16, 16, 3))
+    for mode in schema.EVAL_MODES:
+        logits = evaluate.predict_logits(lambda x: jnp.zeros((x.shape[0], 4, 4, 2)), images, mode=mode, crop_hw=(8, 8), stride_hw=(8, 8))
+        assert logits.shape == (1, 16, 16, 2)
+    with pytest.raises(ValueError):
+        evaluate.predict_logits(lambda x: x, images, mode="tiled")
+
+
+def test_rules_refuse_wrong_types_and_ranges():
+    config = schema.default_config()
+    config.data.crop_hw = (128,)
+    config.train.num_steps = 0
+    config.data.flip_prob = 1.5
+    config.eval.slide_stride_hw = (341.0, 341)
+    config.model.head = "upernet"
+    config.compare_seeds = (0, -1)
+    assert schema.check(config) == [
+        "config.compare_seeds=(0, -1): expected a tuple of integers >= 0, e.g. (0, 1, 2)",
+        "config.model.head='upernet': expected one of 'daformer', 'segformer'",
+        "config.data.crop_hw=(128,): expected a tuple of 2 integers >= 1, e.g. (512, 512) (height, width)",
+        "config.data.flip_prob=1.5: expected a number in [0, 1]",
+        "config.train.num_steps=0: expected an integer >= 1",
+        "config.eval.slide_stride_hw=(341.0, 341): expected a tuple of 2 integers >= 1, e.g. (512, 512) (height, width)",
+    ]
+
+
+@pytest.mark.parametrize("name,method", benchmark_pairs())
+def test_every_config_and_method_loads_and_passes_the_rules(name, method):
+    config = load(name, method)
+    assert schema.check(config) == []
+    if method:
+        assert config.method == method
+        assert not config.data.target if method in methods.TARGET_FREE else config.data.target == "cityscapes"
+        for key, value in benchmarks.METHOD_SETTINGS.get(method, {}).items():
+            assert schema.value_of(config, key) == value
+
+
+def test_the_benchmarks_offer_every_preset_and_dg_only_the_target_free_ones():
+    for name in ("gta_cs_daformer.py", "synthia_cs_daformer.py"):
+        assert set(config_module(name).TARGETS) == set(methods.PRESETS), name
+    assert set(config_module("gta_dg_daformer.py").TARGETS) == set(methods.TARGET_FREE)
+    # The default of each file keeps its meaning.
+    assert [load(name, "").method for name in ("gta_cs_daformer.py", "synthia_cs_daformer.py", "gta_dg_daformer.py")] == ["t2s", "t2s", "dg"]
+
+
+def _readme_table() -> dict[str, str]:
+    """{`config:method`: target} of the README's table of configs."""
+    with open(os.path.join(tiny.REPO, "README.md")) as f:
+        readme = f.read()
+    return {cells[0]: cells[-1] for cells in (
+        [cell.strip() for cell in row.strip().strip("|").split("|")]
+        for row in re.findall(r"^\| `configs/[^\n]*$", readme, flags=re.M)
+    )}  # fmt: skip
+
+
+def test_the_readme_lists_every_config_and_method_with_its_target():
+    expected = {}
+    for name, method in benchmark_pairs():
+        targets = getattr(config_module(name), "TARGETS", {"": "—"})
+        expected[f"`configs/{name}:{method}`" if method else f"`configs/{name}`"] = targets[method]
+    assert _readme_table() == expected
+
+
+def test_the_renamed_configs_point_to_a_config_and_method_that_exist():
+    pairs = set(benchmark_pairs())
+    for old, new in main._RENAMED_CONFIGS.items():  # noqa: SLF001
+        assert not os.path.exists(os.path.join(tiny.REPO, "configs", old))
+        assert tuple(new.split(":")) in pairs, new
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def _command(workdir, *flags, config="configs/synthetic_demo.py", path=()):
+    python_path = os.pathsep.join(filter(None, [*path, tiny.REPO, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=python_path)
+    return subprocess.Popen(
+        [sys.executable, "-m", "t2s_jax.main", f"--config={config}", f"--workdir={workdir}", *flags],
+        cwd=tiny.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_bad_values_config_arguments_and_renamed_files_are_one_line_exit_2_and_create_nothing(tmp_path):
+    cases = {  # name: (flags, config, the error line)
+        "not a number": (["--config.train.num_steps=abc"], None,
+                         "error: config.train.num_steps=abc (--config.train.num_steps): expected an integer >= 1"),
+        "a count of zero": (["--config.train.num_steps=0"], None, "error: config.train.num_steps=0: expected an integer >= 1"),
+        "one number for a pair": (["--config.data.crop_hw=128"], None,
+                                  "error: config.data.crop_hw=(128,): expected a tuple of 2 integers >= 1"),
+        "not a probability": (["--config.data.flip_prob=2"], None, "error: config.data.flip_prob=2.0: expected a number in [0, 1]"),
+        "an unknown choice": (["--config.eval.mode=tiled"], None, "error: config.eval.mode='tiled': expected one of 'whole', 'slide'"),
+        "not a boolean": (["--config.data.rcs.enabled=maybe"], None,
+                          "error: config.data.rcs.enabled=maybe (--config.data.rcs.enabled): expected True or False"),
+        "a term's option": (["--config.pull.num_queries=many"], None,
+                            "error: config.pull.num_queries=many (--config.pull.num_queries): expected an integer"),
+        "unknown method argument": ([], "configs/gta_cs_daformer.py:mic2",
+                                    "error: --config=configs/gta_cs_daformer.py:mic2: unknown method 'mic2' for this config; "
+                                    "expected one of t2s, daformer,"),
+        "a method that needs target data for DG": ([], "configs/gta_dg_daformer.py:t2s",
+                                                   "error: --config=configs/gta_dg_daformer.py:t2s: unknown method 't2s' "
+                                                   "for this config; expected one of dg, source_only"),
+        "renamed file": ([], "configs/synthia_cs_mic.py",
+                         "error: config file configs/synthia_cs_mic.py was renamed: use --config=configs/synthia_cs_daformer.py:mic"),
+    }  # fmt: skip
+    # The demo's config imports no jax: neither may the command before it refuses a value.
+    no_jax = tmp_path / "no_jax"
+    (no_jax / "jax").mkdir(parents=True)
+    (no_jax / "jax" / "__init__.py").write_text("raise ImportError('jax imported before the config was checked')\n")
+    started = {
+        name: _command(tmp_path / name.replace(" ", "_") / "run", *extra,
+                       **({"config": config} if config else {"path": [str(no_jax)]}))
+        for name, (extra, config, _) in cases.items()
+    }  # fmt: skip
+    for name, process in started.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, (name, stdout[-2000:], stderr[-2000:])
+        (line,) = stderr.splitlines()
+        assert line.startswith(cases[name][2]), (name, line)
+        assert not os.path.exists(tmp_path / name.replace(" ", "_")), name
