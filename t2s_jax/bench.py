@@ -128,9 +128,9 @@ def _abstract_train_state(config: ml_collections.ConfigDict, num_steps: int):
     model = nnx.eval_shape(lambda: build_segmentor(model_config, rngs=nnx.Rngs(0)))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     optimizer = make_optimizer(config.optim, num_steps)
-    with_mask_teacher = steps.mask_teacher_alpha(methods.build_terms(config)) is not None
+    terms = methods.build_terms(config)
     state = jax.eval_shape(
-        lambda p, s: steps.initial_train_state(p, s, optimizer, config.seed, with_mask_teacher=with_mask_teacher),
+        lambda p, s: steps.initial_train_state(p, s, optimizer, config.seed, terms=terms),
         params, batch_stats,
     )  # fmt: skip
     return graphdef, state, params, optimizer

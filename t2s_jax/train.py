@@ -103,12 +103,10 @@ def create_train_state(
     """(graphdef, fresh train state, frozen ImageNet parameters, optimizer)."""
     graphdef, params, batch_stats = create_model_state(config, mesh)
     optimizer = make_optimizer(config.optim, num_steps)
-    with_mask_teacher = steps.mask_teacher_alpha(methods.build_terms(config)) is not None
+    terms = methods.build_terms(config)
 
     def initial_state(params, batch_stats):
-        state = steps.initial_train_state(
-            params, batch_stats, optimizer, config.seed, with_mask_teacher=with_mask_teacher
-        )
+        state = steps.initial_train_state(params, batch_stats, optimizer, config.seed, terms=terms)
         # The ImageNet reference of the feature distance is the initial encoder, kept frozen
         # (its own buffers: the step donates the state).
         return state, jax.tree.map(jnp.copy, params)
