@@ -66,11 +66,7 @@ class PullTerm(Term):
         self.pull = pull
         self.uda = config.uda
         self.has_target = bool(config.data.target)
-        self.options = pulling.pulling_loss_options(config)
-        pulling.check_options(
-            self.options["loss"], self.options["key_domain"], self.has_target,
-            self.options["domain_equalised_negatives"], self.options["dynamic_reweighting"],
-        )  # fmt: skip
+        self.options = pulling.PullOptions.from_config(config)  # checked once, here
         if not self.has_target:
             for name, value, needs in (
                 ("pull.query_domain", pull.query_domain, "target"),
@@ -122,7 +118,8 @@ class PullTerm(Term):
             target_labels = pulling.downsample_labels_nearest(jnp.argmax(probabilities, -1), feature_hw)
             target_confidence = pulling.downsample_labels_nearest(jnp.max(probabilities, -1), feature_hw)
         query_labels = target_labels if self.pull.query_domain == "target" else source_labels
-        value, metrics = pulling.pulling_loss(
+        value, metrics = pulling.pulling_loss_with(
+            self.options,
             context.keys["pulling"],
             query_features=queries,
             query_labels=query_labels,
@@ -132,7 +129,6 @@ class PullTerm(Term):
             target_pseudo_labels=target_labels,
             target_confidence=target_confidence,
             mesh=context.mesh,
-            **self.options,
         )
         metrics = {f"pull_{name}": item for name, item in metrics.items()}
         metrics["pull_unweighted"] = value
