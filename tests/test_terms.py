@@ -83,7 +83,8 @@ def test_a_new_term_with_its_own_stream_and_state_trains_without_moving_the_othe
     assert history[0]["loss_toy"] > 0 and history[0]["loss"] > host_history[0]["loss"]
     # The host terms' draws (ClassMix, augmentation) and passes are untouched by the new term.
     for name in ("loss_source", "loss_mixed", "loss_fd", "pseudo_quality", "pseudo_label_accuracy"):
-        np.testing.assert_allclose(history[0][name], host_history[0][name], rtol=1e-5, err_msg=name)
+        # loss_fd is ~1e-8 at step 1 (the student is the ImageNet encoder): float noise only.
+        np.testing.assert_allclose(history[0][name], host_history[0][name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def test_clashing_names_are_errors_naming_both_terms():

@@ -78,6 +78,8 @@ class MaskTwinsTerm(Term):
         self.num_views = int(config.masktwins.num_views)
         if self.num_views < 2:
             raise ValueError(f"config.masktwins.num_views={self.num_views}; expected 2 or more")
+        if "single_target_image" in config.uda:
+            raise ValueError("config.uda.single_target_image moved to config.masktwins.single_target_image")
         self.single_target_image = bool(config.masktwins.single_target_image)
         self.student_passes = tuple(view_pass(v) for v in range(self.num_views))
 

@@ -1,6 +1,6 @@
 """The T2S-DA term (method.md 5): pull student features of pseudo-target images towards the
 teacher's source class prototypes, away from other classes' source and unreliable target
-features. The image translation lives in `translation.py`, the loss in `pulling.py`.
+features. The image translation lives in `translation.py`, the loss in `pulling/`.
 
 Passes: the queries come from a student pass chosen by `pull.query_domain` ('pseudo_target':
 the translated source image, labelled by the source labels; 'target': the target image,
@@ -45,7 +45,7 @@ def default_options() -> ml_collections.ConfigDict:
     pull.unreliable_fraction = 0.5  # alpha: target pixels below this confidence percentile are negatives
     pull.dynamic_reweighting = True  # DRW
     pull.reweight_scale = 0.5  # s in w_c = (1 - conf_c)^s
-    pull.num_groups = 0  # sampling groups along the batch (uda/pulling.py); 0 = one per device
+    pull.num_groups = 0  # sampling groups along the batch (uda/pulling/); 0 = one per device
     return pull
 PSEUDO_TARGET_PASS = "pseudo_target"
 TARGET_PASS = "target"
