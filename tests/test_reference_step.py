@@ -76,7 +76,9 @@ def test_batched_step_equals_the_unbatched_reference(method):
     for name, value in expected.items():
         np.testing.assert_allclose(batched[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(batched["grad_norm"], optax.tree.norm(reference["grads"]), rtol=1e-4)
-    _assert_trees_close(batched_state.opt_state[0].trace, reference["grads"], "grads")
+    # Per-leaf 2e-3 of the leaf's largest gradient: batched and separate passes sum in other
+    # orders (a key bias's gradient is 0 up to rounding; its value half differs ~5e-4 on CPU).
+    _assert_trees_close(batched_state.opt_state[0].trace, reference["grads"], "grads", rtol=2e-3)
     _assert_trees_close(batched_state.batch_stats, reference["batch_stats"], "batch_stats")
     _assert_trees_close(batched_state.teacher_params, reference["teacher_params"], "teacher_params")
     _assert_trees_close(batched_state.teacher_batch_stats, reference["teacher_batch_stats"], "teacher_batch_stats")
