@@ -27,7 +27,7 @@ SOURCE_RESIZE_HW = {
 # MaskTwins' 32-px mask blocks are the schema's defaults for its 512^2 crops.
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     # The released MaskTwins code trains on the first target image of each batch (docs/method.md §7).
-    "masktwins": {"uda.single_target_image": True},
+    "masktwins": {"masktwins.single_target_image": True},
 }
 
 

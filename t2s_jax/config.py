@@ -54,6 +54,10 @@ def mit_config(variant: str = "b5", **overrides) -> ml_collections.ConfigDict:
 
 def default_config() -> ml_collections.ConfigDict:
     """T2S-DA w/ DAFormer, MiT-B5, GTA5 -> Cityscapes: every value of method.md."""
+    # Here, not at the top: the term modules import the models, whose weight loader reads
+    # this module's defaults.
+    from t2s_jax.uda import masktwins, mic, t2s
+
     config = ml_collections.ConfigDict()
     config.seed = 0
     # A preset of loss terms (t2s_jax/methods.py): 'source_only' | 'daformer' (DACS
@@ -146,51 +150,11 @@ def default_config() -> ml_collections.ConfigDict:
     uda.fd_weight = 0.005  # ImageNet feature distance on thing-class cells; 0 disables
     uda.fd_classes = THING_CLASSES
     uda.fd_min_ratio = 0.75  # a stride-32 cell counts when one thing class covers this share
-    # Train on the first target image of each batch only, repeated (MaskTwins' released code,
-    # docs/method.md §7): pseudo-labels, ClassMix and the masked views then all use that image.
-    uda.single_target_image = False
 
-    # ---------------------------------------------------------------- MIC (docs/method.md §6)
-    mic = config.mic = ml_collections.ConfigDict()
-    # Images masked: 'separatetrgaug' (target, colour-augmented) | 'separatetrg' | 'separatesrcaug'
-    # | 'separatesrc' | 'separateaug' | 'separate' (source[0] + target[0], needs batch_size 2).
-    mic.mode = "separatetrgaug"
-    mic.block_size = 32  # mask block side in pixels: 32 at 512^2 crops (DAFormer host), 64 at 1024^2 (HRDA)
-    mic.ratio = 0.7  # share of blocks masked (a block is kept iff U > ratio)
-    mic.weight = 1.0  # lambda_MIC
-    # 'same' = the host's EMA teacher; an alpha as text (e.g. '0' = the current student, the
-    # "w/o EMA teacher" ablation) = a separate EMA teacher, as the original builds one.
-    mic.teacher_alpha = "same"
-    # 'same' = the host's pseudo-label weights; 'none' = no confidence weight; a threshold as text.
-    mic.pseudo_threshold = "same"
-
-    # ---------------------------------------------------------------- MaskTwins (docs/method.md §7)
-    masktwins = config.masktwins = ml_collections.ConfigDict()
-    masktwins.block_size = 32  # 64 at 1024^2 crops (the released HRDA config); 32 at 512^2
-    masktwins.ratio = 0.5
-    masktwins.num_views = 2  # 2 = the mask and its complement; K > 2: the K-view partition
-    masktwins.complementary = True  # False: independent masks (the "random two masks" ablation)
-    masktwins.augment = True  # colour-augment the target before masking (MIC's 'separatetrgaug')
-    masktwins.weight = 1.0  # lambda_MIC on the views' mean cross-entropy
-    masktwins.consistency_weight = 0.01  # MSE between the views' raw logits, gradients through both
-
-    # ---------------------------------------------------------------- T2S-DA pulling loss (method.md 5)
-    pull = config.pull = ml_collections.ConfigDict()
-    pull.weight = 0.1  # lambda
-    pull.loss = "infonce"  # 'infonce' | 'mse'
-    pull.temperature = 0.2  # tau (InfoNCE)
-    pull.translation = "fda"  # pseudo-target engine: 'fda' | 'color_jitter' | 'gaussian_blur'
-    pull.fda_beta = 0.01
-    pull.query_domain = "pseudo_target"  # 'pseudo_target' | 'source' | 'target'
-    pull.key_domain = "source"  # 'source' | 'target' (positive prototypes)
-    pull.num_queries = 128  # N, base number of queries
-    pull.class_balanced_queries = True  # CBQS; False = class-equalised (N per class)
-    pull.num_negatives = 1024  # M negatives per query
-    pull.domain_equalised_negatives = True  # DENPS: M/2 from each domain
-    pull.unreliable_fraction = 0.5  # alpha: target pixels below this confidence percentile are negatives
-    pull.dynamic_reweighting = True  # DRW
-    pull.reweight_scale = 0.5  # s in w_c = (1 - conf_c)^s
-    pull.num_groups = 0  # sampling groups along the batch (uda/pulling.py); 0 = one per device
+    # The terms' own sections, defined next to their code (t2s_jax/uda/).
+    config.mic = mic.default_options()  # MIC (docs/method.md §6)
+    config.masktwins = masktwins.default_options()  # MaskTwins (docs/method.md §7)
+    config.pull = t2s.default_options()  # the T2S-DA pulling loss (method.md 5)
 
     # ---------------------------------------------------------------- optimisation
     optim = config.optim = ml_collections.ConfigDict()

@@ -7,6 +7,8 @@ the step (`steps.py`) knows no method names.
 
 from __future__ import annotations
 
+import copy
+
 import ml_collections
 
 from t2s_jax.uda.dacs import DacsTerm
@@ -71,7 +73,7 @@ def with_method(config: ml_collections.ConfigDict, method: str) -> ml_collection
     """A copy of `config` that trains `method`, with the options a target-free method
     requires: no target data and, for the pulling term, a target-free pseudo-target engine
     (FDA -> colour jitter), no domain-equalised negatives, no re-weighting and source keys."""
-    config = ml_collections.ConfigDict(config.to_dict())
+    config = copy.deepcopy(config)  # keeps typed placeholders (mic.teacher_alpha) overridable
     config.method = method
     config.terms = ()
     if method in TARGET_FREE:

@@ -3,9 +3,13 @@
 `(state, batch, imagenet_params) -> (state, metrics)`, jitted once by the caller over the
 device mesh. A method is a list of terms (`t2s_jax/methods.py`, `t2s_jax/uda/term.py`):
 
-    EMA update -> teacher forward over the terms' views -> pseudo-labels (once)
+    EMA update, each term's own state update -> each term's batch transform
+      -> teacher forward over the terms' views -> pseudo-labels (once)
       -> each term prepares its student passes -> ONE batched student forward/backward
       -> each term's weighted losses -> their sum -> one optimizer update
+
+The step knows no term: what a term needs (views, passes, random streams, state) it
+declares (`Term`), and the step checks that no two terms claim the same pass or name.
 
 Accelerators want large batches, so the student's passes of a step (source, mixed,
 pseudo-target, masked, ...) run as one forward, and the teacher's views (target, source) as
@@ -16,7 +20,9 @@ semantics of separate passes hold.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -30,7 +36,7 @@ from t2s_jax.classes import IGNORE_INDEX
 from t2s_jax.models import SegmentorOutput, resize_bilinear, stack_passes, unstack_passes
 from t2s_jax.optim import learning_rate_schedule
 from t2s_jax.uda import ema, normalize, pseudo_labels
-from t2s_jax.uda.term import Metrics, PseudoLabels, StepContext, Term
+from t2s_jax.uda.term import Metrics, PseudoLabels, StepContext, Term, stream_key
 
 
 @flax.struct.dataclass
@@ -44,15 +50,7 @@ class TrainState:
     teacher_batch_stats: nnx.State  # the teacher's own running statistics (never averaged)
     opt_state: optax.OptState
     rng: jax.Array  # uint32[2] raw PRNG key; per-step keys are folded in from `step`
-    mask_teacher_params: nnx.State | None = None  # MIC's separate EMA teacher (mic.teacher_alpha)
-
-
-def mask_teacher_alpha(terms: Sequence[Term]) -> float | None:
-    """The EMA alpha of a term's own teacher (MIC with `mic.teacher_alpha`), or None."""
-    alphas = {term.teacher_alpha for term in terms if getattr(term, "teacher_alpha", None) is not None}
-    if len(alphas) > 1:
-        raise ValueError(f"terms ask for separate teachers with different EMA alphas {sorted(alphas)}")
-    return alphas.pop() if alphas else None
+    term_states: dict[str, Any]  # {term name: its own state} of the terms that keep one
 
 
 def initial_train_state(
@@ -61,9 +59,11 @@ def initial_train_state(
     optimizer: optax.GradientTransformation,
     seed: int,
     *,
-    with_mask_teacher: bool = False,
+    terms: Sequence[Term] = (),
 ) -> TrainState:
-    """Step 0: the teacher (and MIC's own teacher, if any) is a copy of the student (method.md 4.1)."""
+    """Step 0: the teacher is a copy of the student (method.md 4.1); each term's own state
+    from its `init_state`."""
+    term_states = {term.name: term.init_state(params) for term in terms}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -72,18 +72,54 @@ def initial_train_state(
         teacher_batch_stats=jax.tree.map(jnp.copy, batch_stats),
         opt_state=optimizer.init(params),
         rng=jax.random.PRNGKey(seed),
-        mask_teacher_params=jax.tree.map(jnp.copy, params) if with_mask_teacher else None,
+        term_states={name: state for name, state in term_states.items() if state is not None},
     )
 
 
-# Independent random streams of one step, folded from the step's key by position: a new
-# stream goes at the end, so the others keep their draws.
-RANDOM_STREAMS = ("dropout", "classmix", "augment", "translation", "pulling", "mask", "mask_augment")
+STEP = "step"  # owner name of the step's own random streams and metrics
+# Metrics the step logs itself; no term may log these names.
+STEP_METRICS = ("loss", "learning_rate", "grad_norm", "pseudo_quality", "pseudo_label_accuracy")
 
 
-def _step_keys(rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
+def _term_keys(rng: jax.Array, step: jax.Array, terms: Sequence[Term]) -> dict[str, dict[str, jax.Array]]:
+    """{owner: {stream: key}} of this step: the step's dropout and each term's declared streams."""
     step_key = jax.random.fold_in(rng, step)
-    return {name: jax.random.fold_in(step_key, i) for i, name in enumerate(RANDOM_STREAMS)}
+    owners = {STEP: ("dropout",), **{term.name: term.random_streams for term in terms}}
+    return {owner: {s: stream_key(step_key, owner, s) for s in streams} for owner, streams in owners.items()}
+
+
+def check_terms(terms: Sequence[Term]) -> None:
+    """A ValueError naming both terms when two share a name or produce the same student pass,
+    or naming the term that reads a pass no other term produces."""
+    names = [term.name for term in terms]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"config.terms: terms {repeated} are listed more than once")
+    producer: dict[str, str] = {}
+    for term in terms:
+        for name in term.student_passes:
+            if name in producer:
+                raise ValueError(
+                    f"terms {producer[name]!r} and {term.name!r} both produce the student pass {name!r}; "
+                    "one of them must read it (reads_passes) instead"
+                )
+            producer[name] = term.name
+    for term in terms:
+        for name in term.reads_passes:
+            if producer.get(name, term.name) == term.name:
+                raise ValueError(
+                    f"term {term.name!r} reads the student pass {name!r}, which no other term of the "
+                    f"run produces (produced: {producer})"
+                )
+
+
+def _merge_named(into: dict[str, jax.Array], owners: dict[str, str], items: dict[str, jax.Array], owner: str) -> None:
+    """Adds `owner`'s named losses/metrics; a name another owner already logs is an error naming both."""
+    for name, value in items.items():
+        if name in owners:
+            raise ValueError(f"{owners[name]!r} and {owner!r} both log {name!r}; each name needs one owner")
+        owners[name] = owner
+        into[name] = value
 
 
 def _first_requests(requests: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
@@ -119,16 +155,17 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     num_steps: int,
     mesh: jax.sharding.Mesh | None = None,
+    terms: Sequence[Term] | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array], nnx.State], tuple[TrainState, Metrics]]:
-    """The step of the run's terms (`methods.build_terms`); jit it with the state replicated
-    and the batch sharded on `mesh`."""
-    terms = methods.build_terms(config)
+    """The step of `terms` (default: the run's, `methods.build_terms`); jit it with the state
+    replicated and the batch sharded on `mesh`."""
+    terms = methods.build_terms(config) if terms is None else tuple(terms)
+    check_terms(terms)
     learning_rate = learning_rate_schedule(config.optim.learning_rate, config.optim, num_steps)
     teacher_views = _first_requests([term.teacher_views for term in terms])
     teacher_projection = any(term.teacher_projection for term in terms)
     student_projection = any(term.student_projection for term in terms)
     needs_pseudo_labels = any(term.needs_pseudo_labels for term in terms)
-    own_teacher_alpha = mask_teacher_alpha(terms)
     uda = config.uda
 
     def teacher_forward(teacher_params, teacher_batch_stats, passes, with_projection):
@@ -140,17 +177,20 @@ def make_train_step(
         return jax.tree.map(jax.lax.stop_gradient, outputs), new_stats
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], imagenet_params: nnx.State):
-        keys = _step_keys(state.rng, state.step)
+        keys = _term_keys(state.rng, state.step, terms)
         teacher_params = ema.update_teacher(state.teacher_params, state.params, state.step, uda.ema_max_alpha)
-        mask_teacher_params = state.mask_teacher_params
-        if own_teacher_alpha is not None:
-            mask_teacher_params = ema.update_teacher(mask_teacher_params, state.params, state.step, own_teacher_alpha)
+        term_states = {
+            term.name: term.update_state(state.term_states[term.name], state.params, state.step)
+            for term in terms
+            if term.name in state.term_states
+        }
 
-        source_image = batch["source_image"].astype(jnp.float32)
-        target_image = batch["target_image"].astype(jnp.float32) if "target_image" in batch else None
-        if target_image is not None and uda.single_target_image:
-            # MaskTwins' released code trains on the first target image only (docs/method.md §7).
-            target_image = jnp.broadcast_to(target_image[:1], target_image.shape)
+        batch = {
+            name: value.astype(jnp.float32 if name.endswith("_image") else jnp.int32) for name, value in batch.items()
+        }
+        for term in terms:
+            batch = term.transform_batch(batch)
+        source_image, target_image = batch["source_image"], batch.get("target_image")
         images = {"source": source_image, "target": target_image}
 
         teacher: dict[str, SegmentorOutput] = {}
@@ -176,36 +216,43 @@ def make_train_step(
             model = nnx.merge(graphdef, imagenet_params, state.batch_stats)
             return jax.lax.stop_gradient(model.encoder(normalize.normalize(images_0_255))[-1])
 
-        def own_teacher_forward(params, images_0_255):
+        def view_forward(params, images_0_255):
             outputs, _ = teacher_forward(params, state.teacher_batch_stats, {"view": images_0_255}, False)
             return outputs["view"]
 
-        context = StepContext(
-            config=config, mesh=mesh, keys=keys, step=state.step,
-            source_image=source_image, source_label=batch["source_label"].astype(jnp.int32),
+        shared = StepContext(
+            config=config, mesh=mesh, keys={}, step=state.step,
+            source_image=source_image, source_label=batch["source_label"],
             target_image=target_image, teacher=teacher, pseudo=pseudo,
-            imagenet_features=imagenet_features, teacher_forward=own_teacher_forward,
-            mask_teacher_params=mask_teacher_params,
+            imagenet_features=imagenet_features, teacher_forward=view_forward,
         )  # fmt: skip
+        contexts = [
+            dataclasses.replace(shared, keys=keys[term.name], state=term_states.get(term.name)) for term in terms
+        ]
         passes: dict[str, jax.Array] = {}
         prepared = []
-        for term in terms:
+        for term, context in zip(terms, contexts):
             term_passes, term_prepared = term.prepare(context)
-            for name, pass_images in term_passes.items():
-                passes.setdefault(name, pass_images)
+            if set(term_passes) != set(term.student_passes):
+                raise ValueError(
+                    f"term {term.name!r} prepared the passes {sorted(term_passes)} but declares "
+                    f"student_passes={term.student_passes}"
+                )
+            passes.update(term_passes)
             prepared.append(term_prepared)
 
         def loss_fn(params):
             student, batch_stats = _forward(
                 graphdef, params, state.batch_stats, passes,
-                train=True, dropout_key=keys["dropout"], with_projection=student_projection,
+                train=True, dropout_key=keys[STEP]["dropout"], with_projection=student_projection,
             )  # fmt: skip
             weighted: dict[str, jax.Array] = {}
             term_metrics: Metrics = {}
-            for term, term_prepared in zip(terms, prepared):
+            owners = dict.fromkeys(STEP_METRICS, STEP)
+            for term, context, term_prepared in zip(terms, contexts, prepared):
                 term_losses, extra = term.losses(context, student, term_prepared)
-                weighted.update(term_losses)
-                term_metrics.update(extra)
+                _merge_named(weighted, owners, term_losses, term.name)
+                _merge_named(term_metrics, owners, extra, term.name)
             total = sum(weighted.values())
             return total, (batch_stats, {**weighted, **term_metrics, "loss": total})
 
@@ -221,7 +268,7 @@ def make_train_step(
             teacher_params=teacher_params,
             teacher_batch_stats=teacher_batch_stats,
             opt_state=opt_state,
-            mask_teacher_params=mask_teacher_params,
+            term_states=term_states,
         )
         return new_state, {name: jax.lax.stop_gradient(value) for name, value in metrics.items()}
 

@@ -68,7 +68,7 @@ def _context(config, batch=2, hw=(32, 32), num_classes=19, seed=0):
         jnp.asarray(label, jnp.int32), jnp.asarray(weight), jnp.full((batch, *hw), 0.9), jnp.asarray(0.4)
     )
     images = lambda: jnp.asarray(rng.uniform(0, 255, (batch, *hw, 3)), jnp.float32)  # noqa: E731
-    keys = {name: jax.random.key(i) for i, name in enumerate(("mask", "mask_augment"))}
+    keys = {name: jax.random.key(i) for i, name in enumerate(("mask", "augment"))}
     return StepContext(
         config=config, mesh=None, keys=keys, step=jnp.zeros((), jnp.int32),
         source_image=images(), source_label=jnp.asarray(rng.integers(0, num_classes, (batch, *hw)), jnp.int32),
@@ -96,7 +96,7 @@ def test_mic_term_masks_the_augmented_target_and_uses_the_host_pseudo_labels():
     term = mic.MicTerm(config)
     passes, targets = term.prepare(context)
     masked = np.asarray(passes[mic.MASKED_PASS])
-    augmented = np.asarray(mic.mic_augment(context.keys["mask_augment"], context.target_image, config.uda))
+    augmented = np.asarray(mic.mic_augment(context.keys["augment"], context.target_image, config.uda))
     masked_out = np.all(np.asarray(normalize.normalize(masked)) == 0.0, axis=-1)
     assert 0.5 < masked_out.mean() < 0.9  # ratio 0.7 of 16 cells per image
     np.testing.assert_allclose(masked[~masked_out], augmented[~masked_out], rtol=1e-6)
@@ -108,7 +108,7 @@ def test_mic_term_masks_the_augmented_target_and_uses_the_host_pseudo_labels():
 
 def test_mic_threshold_none_keeps_only_the_row_mask():
     config = tiny.tiny_config("unused", "mic")
-    config.mic.pseudo_threshold = "none"
+    config.mic.pseudo_weighting = "none"
     config.uda.pseudo_ignore_top, config.uda.pseudo_ignore_bottom = 2, 3
     context = _context(config)
     _, targets = mic.MicTerm(config).prepare(context)
@@ -125,7 +125,7 @@ def test_masktwins_views_share_one_augmentation_and_the_loss_is_half_ce_each_plu
     views = [np.asarray(passes[masktwins.view_pass(v)]) for v in range(2)]
     kept = [~np.all(np.asarray(normalize.normalize(v)) == 0.0, axis=-1) for v in views]
     assert (kept[0] ^ kept[1]).all()
-    augmented = np.asarray(mic.mic_augment(context.keys["mask_augment"], context.target_image, config.uda))
+    augmented = np.asarray(mic.mic_augment(context.keys["augment"], context.target_image, config.uda))
     recombined = np.where(kept[0][..., None], views[0], views[1])
     np.testing.assert_allclose(recombined, augmented, rtol=1e-6)
 

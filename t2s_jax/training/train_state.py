@@ -64,12 +64,10 @@ def abstract_model_state(
 
 def _initial_state_fn(config: ml_collections.ConfigDict, optimizer: Any):
     """(params, batch_stats) -> (fresh train state, frozen ImageNet parameters)."""
-    with_mask_teacher = steps.mask_teacher_alpha(methods.build_terms(config)) is not None
+    terms = methods.build_terms(config)
 
     def initial_state(params, batch_stats):
-        state = steps.initial_train_state(
-            params, batch_stats, optimizer, config.seed, with_mask_teacher=with_mask_teacher
-        )
+        state = steps.initial_train_state(params, batch_stats, optimizer, config.seed, terms=terms)
         # The ImageNet reference of the feature distance is the initial encoder, kept frozen
         # (its own buffers: the step donates the state).
         return state, jax.tree.map(jnp.copy, params)

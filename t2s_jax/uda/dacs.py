@@ -30,6 +30,8 @@ class DacsTerm(Term):
     needs_target = True
     needs_pseudo_labels = True
     teacher_views = ("target",)
+    student_passes = (MIXED_PASS,)
+    random_streams = ("classmix", "augment")
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.uda = config.uda

@@ -86,15 +86,13 @@ class FeatureDistanceTerm(Term):
     ImageNet encoder (method.md 4.3). Reads the source pass; adds none of its own."""
 
     name = "feature_distance"
+    reads_passes = (SOURCE_PASS,)
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.weight = float(config.uda.fd_weight)
         self.thing_classes = tuple(config.uda.fd_classes)
         self.min_ratio = float(config.uda.fd_min_ratio)
         self.num_classes = int(config.model.num_classes)
-
-    def prepare(self, context: StepContext) -> tuple[dict, Any]:
-        return {SOURCE_PASS: context.source_image}, None
 
     def losses(
         self, context: StepContext, student: Mapping[str, SegmentorOutput], prepared: Any

@@ -16,42 +16,51 @@ jitter coin and one blur coin per batch, per-image jitter factors, one op order 
 blur sigma per batch: one kornia call over the batch), applied before masking so mask
 edges stay sharp. The CE covers every pixel, masked or not, mean over all N*H*W.
 
-Teacher: 'same' alpha and threshold reuse the host's pseudo-labels. Another
-`mic.pseudo_threshold` re-weights them (q recomputed from the same teacher confidences;
-'none' = no confidence weight, only the ignored crop rows). Another `mic.teacher_alpha`
-makes a separate EMA teacher (state `mask_teacher_params`, updated at the start of the
-step like the host teacher; alpha 0 = the current student), whose own forward on the
-clean target gives the pseudo-labels, as the original does.
+Teacher and weights: by default the host's pseudo-labels and weights. `mic.pseudo_weighting`
+'threshold' re-weights them (q recomputed from the same teacher confidences with
+`mic.pseudo_threshold`); 'none' = no confidence weight, only the ignored crop rows. A
+`mic.teacher_alpha` makes a separate EMA teacher (the term's state in the train state,
+updated at the start of the step like the host teacher; alpha 0 = the current student),
+whose own forward on the clean target gives the pseudo-labels, as the original does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 
 from t2s_jax import losses
 from t2s_jax.models import SegmentorOutput, resize_bilinear
-from t2s_jax.uda import augment, masking, pseudo_labels
+from t2s_jax.uda import augment, ema, masking, pseudo_labels
 from t2s_jax.uda.term import Losses, Metrics, PseudoLabels, StepContext, Term
 
 MODES = ("separatetrgaug", "separatetrg", "separatesrcaug", "separatesrc", "separateaug", "separate")
+WEIGHTINGS = ("host", "threshold", "none")
 MASKED_PASS = "masked"
 
 
-def parse_same_or_float(name: str, value: str, *, allow_none: bool = False) -> float | None | str:
-    """'same' -> 'same'; 'none' (if allowed) -> None; a number as text -> float; else a clear error."""
-    text = str(value).strip().lower()
-    if text == "same" or (allow_none and text == "none"):
-        return "same" if text == "same" else None
-    try:
-        return float(text)
-    except ValueError:
-        allowed = "'same', 'none' or a number" if allow_none else "'same' or a number"
-        raise ValueError(f"config.{name}={value!r}; expected {allowed}") from None
+def default_options() -> ml_collections.ConfigDict:
+    """The `mic` section of the run config (docs/method.md §6)."""
+    mic = ml_collections.ConfigDict()
+    # Images masked: 'separatetrgaug' (target, colour-augmented) | 'separatetrg' | 'separatesrcaug'
+    # | 'separatesrc' | 'separateaug' | 'separate' (source[0] + target[0], needs batch_size 2).
+    mic.mode = "separatetrgaug"
+    mic.block_size = 32  # mask block side in pixels: 32 at 512^2 crops (DAFormer host), 64 at 1024^2 (HRDA)
+    mic.ratio = 0.7  # share of blocks masked (a block is kept iff U > ratio)
+    mic.weight = 1.0  # lambda_MIC
+    # None = the host's EMA teacher; an EMA alpha (e.g. 0.0 = the current student, the "w/o EMA
+    # teacher" ablation) = a separate EMA teacher, as the original builds one.
+    mic.teacher_alpha = config_dict.placeholder(float)
+    # Pixel weights of the masked CE: 'host' = the host's (quality q at uda.pseudo_threshold) |
+    # 'threshold' = q at mic.pseudo_threshold | 'none' = no confidence weight, only the ignored rows.
+    mic.pseudo_weighting = "host"
+    mic.pseudo_threshold = config_dict.placeholder(float)  # read with pseudo_weighting='threshold' only
+    return mic
 
 
 # MIC draws its blur coin (> 0.5) whatever the host's blur setting is.
@@ -84,6 +93,8 @@ class MicTerm(Term):
 
     name = "mic"
     teacher_views = ("target",)
+    student_passes = (MASKED_PASS,)
+    random_streams = ("mask", "augment")
 
     def __init__(self, config: ml_collections.ConfigDict):
         mic = config.mic
@@ -95,19 +106,34 @@ class MicTerm(Term):
         self.needs_target = self.uses_target
         self.needs_pseudo_labels = self.uses_target
         self.teacher_views = ("target",) if self.uses_target else ()
-        alpha = parse_same_or_float("mic.teacher_alpha", mic.teacher_alpha)
-        self.teacher_alpha = None if alpha == "same" else alpha
-        self.threshold = parse_same_or_float("mic.pseudo_threshold", mic.pseudo_threshold, allow_none=True)
-        if self.threshold == "same":
-            self.threshold = float(config.uda.pseudo_threshold)
-        self.rethreshold = self.threshold != float(config.uda.pseudo_threshold)
+        self.teacher_alpha = None if mic.teacher_alpha is None else float(mic.teacher_alpha)
+        if mic.pseudo_weighting not in WEIGHTINGS:
+            raise ValueError(f"config.mic.pseudo_weighting={mic.pseudo_weighting!r}; expected one of {WEIGHTINGS}")
+        if (mic.pseudo_weighting == "threshold") != (mic.pseudo_threshold is not None):
+            raise ValueError(
+                f"config.mic.pseudo_threshold={mic.pseudo_threshold!r} with mic.pseudo_weighting="
+                f"{mic.pseudo_weighting!r}: a threshold is set exactly with pseudo_weighting='threshold'"
+            )
+        self.threshold = {
+            "host": float(config.uda.pseudo_threshold),
+            "threshold": None if mic.pseudo_threshold is None else float(mic.pseudo_threshold),
+            "none": None,
+        }[mic.pseudo_weighting]
+        self.rethreshold = mic.pseudo_weighting != "host"
         if mic.mode in ("separate", "separateaug") and config.data.batch_size != 2:
             raise ValueError(f"config.mic.mode={mic.mode!r} needs config.data.batch_size=2 (source[0] + target[0])")
+
+    def init_state(self, params: Any) -> Any:
+        """The separate EMA teacher's parameters (a copy of the student), if configured."""
+        return None if self.teacher_alpha is None else jax.tree.map(jnp.copy, params)
+
+    def update_state(self, state: Any, params: Any, step: jax.Array) -> Any:
+        return ema.update_teacher(state, params, step, self.teacher_alpha)
 
     def _target_pseudo_labels(self, context: StepContext) -> PseudoLabels:
         if self.teacher_alpha is None:
             return context.pseudo
-        teacher = context.teacher_forward(context.mask_teacher_params, context.target_image)
+        teacher = context.teacher_forward(context.state, context.target_image)
         labels, weight, confidence, quality = pseudo_labels.pseudo_labels(
             resize_bilinear(teacher.logits, context.target_image.shape[1:3]),
             threshold=self.threshold if self.threshold is not None else 0.0,
@@ -139,7 +165,7 @@ class MicTerm(Term):
     def prepare(self, context: StepContext) -> tuple[dict, MaskedTargets]:
         images, targets = self._images_and_targets(context)
         if self.mic.mode.endswith("aug"):
-            images = mic_augment(context.keys["mask_augment"], images, self.uda)
+            images = mic_augment(context.keys["augment"], images, self.uda)
         keep = masking.block_masks(
             context.keys["mask"], images.shape[0], images.shape[1:3], int(self.mic.block_size), float(self.mic.ratio)
         )

@@ -18,6 +18,7 @@ class SourceTerm(Term):
     """L_src: CE over all B*H*W source pixels (ignored pixels count as 0)."""
 
     name = "source"
+    student_passes = (SOURCE_PASS,)
 
     def __init__(self, config: ml_collections.ConfigDict):
         del config
