@@ -89,7 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
     model.projector.input = "decoder"
     model.projector.hidden_channels = 256
     model.projector.dim = 256
-    # Set by the run from the method (train.model_config_for_run: a term reads projections);
+    # Set by the run from the method (training.train_state.model_config_for_run: a term reads projections);
     # the value given here is replaced.
     model.projector.enabled = False
     model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32

@@ -1,9 +1,11 @@
 """Entry point: `python -m t2s_jax.main --config=configs/gta_cs_daformer.py --workdir=runs/x`.
 
-Overrides go after the config: `--config.train.num_steps=100`. Mistakes in the command (a
-missing config file, a misspelt key, an unknown method, a workdir that cannot be used) are
-reported in one line before anything is imported or built; so are the failures of a run
-(non-finite losses, a failed save, a busy workdir). Exit status: 0 done, 1 the run failed,
+`--config=FILE:METHOD` picks a method preset; overrides go after the config:
+`--config.train.num_steps=100`. Mistakes in the command (a missing config file, a misspelt
+key, a value of the wrong type or range, an unknown method, missing or unreadable weights, a
+workdir that cannot be used) are reported in one line, exit 2, before the workdir is created
+(and, for all but the weights, before jax is imported); so are the failures of a run
+(non-finite losses, a failed save, a busy workdir, damaged prepared data, a lost peer). Exit status: 0 done, 1 the run failed,
 2 the command is wrong, 128 + N stopped by signal N after a checkpoint (rerun to resume).
 """
 

@@ -16,7 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from t2s_jax import methods, parallel, steps, train
+from t2s_jax import methods, parallel, steps
+from t2s_jax.training import train_state
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reference_step import reference_step  # noqa: E402
@@ -61,7 +62,7 @@ def _assert_trees_close(actual, expected, name, rtol=1e-4):
 def test_batched_step_equals_the_unbatched_reference(method):
     config = reference_config(method)
     terms = methods.build_terms(config)
-    graphdef, params, batch_stats = train.create_model_state(config, parallel.make_mesh(1))
+    graphdef, params, batch_stats = train_state.create_model_state(config, parallel.make_mesh(1))
     state = steps.initial_train_state(params, batch_stats, OPTIMIZER, config.seed, terms=terms)
     imagenet = jax.tree.map(jnp.copy, params)
     step = jax.jit(steps.make_train_step(config, graphdef, OPTIMIZER, 100, terms=terms))

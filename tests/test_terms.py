@@ -13,7 +13,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from t2s_jax import losses, methods, parallel, steps, train
+from t2s_jax import losses, methods, parallel, steps
+from t2s_jax.training import train_state
 from t2s_jax.config import default_config
 from t2s_jax.uda import mic
 from t2s_jax.uda.term import Term, stream_key
@@ -51,7 +52,7 @@ class ToyTerm(Term):
 
 
 def _train(config, terms, batches):
-    graphdef, params, batch_stats = train.create_model_state(config, parallel.make_mesh(1))
+    graphdef, params, batch_stats = train_state.create_model_state(config, parallel.make_mesh(1))
     state = steps.initial_train_state(params, batch_stats, OPTIMIZER, config.seed, terms=terms)
     imagenet = jax.tree.map(jnp.copy, params)
     step = jax.jit(steps.make_train_step(config, graphdef, OPTIMIZER, 100, terms=terms))
@@ -90,7 +91,7 @@ def test_a_new_term_with_its_own_stream_and_state_trains_without_moving_the_othe
 def test_clashing_names_are_errors_naming_both_terms():
     config = reference_config("daformer")
     host = methods.build_terms(config)
-    graphdef, params, batch_stats = train.create_model_state(config, parallel.make_mesh(1))
+    graphdef, params, batch_stats = train_state.create_model_state(config, parallel.make_mesh(1))
     state = steps.initial_train_state(params, batch_stats, OPTIMIZER, config.seed, terms=(*host, ToyTerm()))
     same_loss = steps.make_train_step(config, graphdef, OPTIMIZER, 100, terms=(*host, ToyTerm("loss_mixed")))
     with pytest.raises(ValueError, match="'dacs' and 'toy' both log 'loss_mixed'"):

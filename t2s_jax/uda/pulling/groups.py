@@ -117,39 +117,14 @@ def pulling_loss(
     target_pseudo_labels: jax.Array | None,
     target_confidence: jax.Array | None,
     *,
-    num_classes: int,
-    num_queries: int,
-    class_balanced_queries: bool,
-    num_negatives: int,
-    domain_equalised_negatives: bool,
-    unreliable_fraction: float,
-    dynamic_reweighting: bool,
-    reweight_scale: float,
-    loss: str,
-    temperature: float,
-    key_domain: str = "source",
     mesh: jax.sharding.Mesh | None = None,
-    num_groups: int | None = None,
+    **options,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`pulling_loss_with` for options given as keywords, checked here (the pull term builds
-    its `PullOptions` once instead).
-    """
-    options = PullOptions(
-        num_classes=num_classes,
-        num_queries=num_queries,
-        class_balanced_queries=class_balanced_queries,
-        num_negatives=num_negatives,
-        domain_equalised_negatives=domain_equalised_negatives,
-        unreliable_fraction=unreliable_fraction,
-        dynamic_reweighting=dynamic_reweighting,
-        reweight_scale=reweight_scale,
-        loss=loss,
-        temperature=temperature,
-        key_domain=key_domain,
-        num_groups=num_groups,
-    )
-    options.check(has_target=target_key_features is not None)
+    """`pulling_loss_with` for the fields of `PullOptions` given as keywords, checked here (the
+    pull term builds its `PullOptions` once instead)."""
+    pull_options = PullOptions(**options)
+    pull_options.check(has_target=target_key_features is not None)
     return pulling_loss_with(
-        options, key, query_features, query_labels, source_key_features, source_labels,
+        pull_options, key, query_features, query_labels, source_key_features, source_labels,
         target_key_features, target_pseudo_labels, target_confidence, mesh=mesh,
     )  # fmt: skip

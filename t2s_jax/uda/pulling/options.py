@@ -32,20 +32,8 @@ class PullOptions:
     def from_config(cls, config: ml_collections.ConfigDict) -> PullOptions:
         """The options of a run config, checked against its data (`config.data.target`)."""
         pull = config.pull
-        options = cls(
-            num_classes=int(config.model.num_classes),
-            num_queries=int(pull.num_queries),
-            class_balanced_queries=bool(pull.class_balanced_queries),
-            num_negatives=int(pull.num_negatives),
-            domain_equalised_negatives=bool(pull.domain_equalised_negatives),
-            unreliable_fraction=float(pull.unreliable_fraction),
-            dynamic_reweighting=bool(pull.dynamic_reweighting),
-            reweight_scale=float(pull.reweight_scale),
-            loss=pull.loss,
-            temperature=float(pull.temperature),
-            key_domain=pull.key_domain,
-            num_groups=int(pull.num_groups) or None,
-        )
+        from_pull = {field.name: pull[field.name] for field in dataclasses.fields(cls) if field.name in pull}
+        options = cls(**{**from_pull, "num_classes": config.model.num_classes, "num_groups": pull.num_groups or None})
         options.check(has_target=bool(config.data.target))
         return options
 
