@@ -4,7 +4,7 @@
 `--config.train.num_steps=100`. Mistakes in the command (a missing config file, a misspelt
 key, a value of the wrong type or range, an unknown method, missing or unreadable weights, a
 workdir that cannot be used) are reported in one line, exit 2, before the workdir is created
-(and, for all but the weights, before jax is imported); so are the failures of a run
+and before anything is built; so are the failures of a run
 (non-finite losses, a failed save, a busy workdir, damaged prepared data, a lost peer). Exit status: 0 done, 1 the run failed,
 2 the command is wrong, 128 + N stopped by signal N after a checkpoint (rerun to resume).
 """
@@ -23,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from t2s_jax import config as schema
-from t2s_jax.training import control  # light: the command is checked before jax is imported
+from t2s_jax.training import control
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, evaluations.")

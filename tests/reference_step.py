@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from t2s_jax import losses
+from t2s_jax.models import resize_bilinear
 from t2s_jax.uda import ema, normalize, pseudo_labels
 from t2s_jax.uda.term import PseudoLabels, StepContext, stream_key
 
@@ -59,7 +59,7 @@ def reference_step(config: ml_collections.ConfigDict, graphdef, terms, state, ba
     metrics = {}
     pseudo = None
     if any(term.needs_pseudo_labels for term in terms):
-        logits = losses.upsample_logits(teacher["target"].logits, images["target"].shape[1:3])
+        logits = resize_bilinear(teacher["target"].logits, images["target"].shape[1:3])
         pseudo = PseudoLabels(*pseudo_labels.pseudo_labels(
             logits, threshold=uda.pseudo_threshold, ignore_top=uda.pseudo_ignore_top,
             ignore_bottom=uda.pseudo_ignore_bottom,

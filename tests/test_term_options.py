@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t2s_jax import losses, methods
-from t2s_jax.models import SegmentorOutput
+from t2s_jax import methods
+from t2s_jax.models import SegmentorOutput, resize_bilinear
 from t2s_jax.uda import pseudo_labels
 from t2s_jax.uda.dacs import DacsTerm
 from t2s_jax.uda.feature_distance import FeatureDistanceTerm
@@ -77,7 +77,7 @@ def _outcome(term_class, config, seed=0):
     teacher = {view: _fake_model(TEACHER, batch[f"{view}_image"]) for view in ("source", "target")}
     uda = config.uda
     pseudo = PseudoLabels(*pseudo_labels.pseudo_labels(
-        losses.upsample_logits(teacher["target"].logits, (64, 64)), threshold=uda.pseudo_threshold,
+        resize_bilinear(teacher["target"].logits, (64, 64)), threshold=uda.pseudo_threshold,
         ignore_top=uda.pseudo_ignore_top, ignore_bottom=uda.pseudo_ignore_bottom,
     ))  # fmt: skip
     step_key = jax.random.fold_in(jax.random.PRNGKey(seed), 7)

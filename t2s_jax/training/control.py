@@ -1,6 +1,6 @@
 """What stops a run, and the one check of a --workdir.
 
-Imports nothing heavy: `t2s_jax.main` checks the command with it before jax is imported.
+Imports nothing heavy itself: `t2s_jax.main` checks the command with it before anything is built.
 """
 
 from __future__ import annotations
