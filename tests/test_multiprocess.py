@@ -144,7 +144,9 @@ def _assert_same_params(params, reference, max_change, name, *, tolerance, max_s
     gradient is (nearly) rounding noise, e.g. a bias followed by a normalisation, whose
     exact gradient is 0, moves by up to 2 lr differently on another topology. At most
     `max_share` of all elements may differ by more than `tolerance` x the largest update
-    (measured: 1 x 4 vs 2 x 2, 0.003 % beyond 1e-3);
+    (measured, 1 x 4 vs 2 x 2 with the T2S-DA preset: 0.07 % beyond 1e-2, none beyond 0.2; the
+    pulling loss samples negatives below a confidence quantile, so a rounding-level change of
+    the teacher can swap a sampled pixel and move the head by a few % of one step);
     a sharding bug (per-device BatchNorm statistics, reordered batch rows, a missing
     gradient all-reduce) moves nearly all of them.
     """
@@ -193,7 +195,7 @@ def test_two_processes_equal_one_process(runs):
         # Same partitioned program, all-reduced in one process or across two.
         _assert_same_params(
             getattr(restored["w2x2"][0], part), getattr(restored["w1x4"][0], part), max_change,
-            f"{part} 2x2 vs 1x4", tolerance=1e-3, max_share=1e-3,
+            f"{part} 2x2 vs 1x4", tolerance=1e-2, max_share=1e-3,
         )  # fmt: skip
 
 

@@ -77,12 +77,13 @@ def test_batched_step_equals_the_unbatched_reference(method):
     for name, value in expected.items():
         np.testing.assert_allclose(batched[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(batched["grad_norm"], optax.tree.norm(reference["grads"]), rtol=1e-4)
-    # Per leaf, the difference's norm within 2e-3 of the gradient's: batched and separate passes
-    # sum in other orders (a key bias's gradient is 0 up to rounding, single elements differ ~5 %).
+    # Per leaf, the difference's norm within 5e-3 of the gradient's: batched and separate passes
+    # sum in other orders (a key bias's gradient is 0 up to rounding, single elements differ ~5 %;
+    # t2s's stage-4 norm scale, measured: 2.2e-3). A missing or mis-weighted loss moves whole leaves.
     for (path, a), b in zip(*(jax.tree_util.tree_leaves_with_path(batched_state.opt_state[0].trace),
                               jax.tree.leaves(reference["grads"])), strict=True):  # fmt: skip
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        assert np.linalg.norm(a - b) <= 2e-3 * max(np.linalg.norm(b), 1e-12), f"grads{jax.tree_util.keystr(path)}"
+        assert np.linalg.norm(a - b) <= 5e-3 * max(np.linalg.norm(b), 1e-12), f"grads{jax.tree_util.keystr(path)}"
     _assert_trees_close(batched_state.batch_stats, reference["batch_stats"], "batch_stats")
     _assert_trees_close(batched_state.teacher_params, reference["teacher_params"], "teacher_params")
     _assert_trees_close(batched_state.teacher_batch_stats, reference["teacher_batch_stats"], "teacher_batch_stats")

@@ -113,7 +113,7 @@ def test_clashing_names_are_errors_naming_both_terms():
 
 def test_typed_term_options_override_from_the_command_line(monkeypatch):
     argv = [
-        "main", f"--config={os.path.join(REPO, 'configs', 'gta_cs_mic.py')}", "--config.mic.teacher_alpha=0.99",
+        "main", f"--config={os.path.join(REPO, 'configs', 'gta_cs_daformer.py')}:mic", "--config.mic.teacher_alpha=0.99",
         "--config.mic.pseudo_weighting=threshold", "--config.mic.pseudo_threshold=0.5",
         "--config.masktwins.single_target_image=True",
     ]  # fmt: skip
