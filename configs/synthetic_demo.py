@@ -50,7 +50,7 @@ def get_config():
 
     # Random init (no ImageNet weights): 10x DAFormer's fine-tuning rate. The steps are most of
     # the demo's time (T2S-DA's cost over DAFormer is its two extra passes, not the pulling
-    # loss); 200 per method keep the three methods within about 7 minutes on 2 quiet CPU cores.
+    # loss); 200 per method: about 13 minutes for the three on a 2-core CPU (README).
     config.optim.learning_rate = 6e-4
     config.optim.warmup_steps = 20
     config.train.num_steps = 200
