@@ -405,14 +405,19 @@ def test_ensure_prepared_builds_synthetic_and_names_the_command_for_real_data(tm
 
 
 def damaged_copy(data_dir: str, destination: str) -> str:
-    """A copy of `data_dir` whose image_folder/coords train records each have 64 bytes flipped."""
+    """A copy of `data_dir` in which every image_folder/coords train record is damaged."""
     shutil.copytree(data_dir, destination)
     (path,) = glob.glob(f"{destination}/segmentation_folder/coords/*/segmentation_folder-train.array_record-*")
     content = bytearray(open(path, "rb").read())
-    for start in range(128, len(content) - 64, 1024):  # every chunk: whichever example is read first
+    # Half of every 128 bytes: even a record of a few hundred bytes is hit, whichever is read first.
+    for start in range(128, len(content) - 64, 128):
         content[start : start + 64] = bytes(b ^ 0xFF for b in content[start : start + 64])
     open(path, "wb").write(content)
     sources._builder.cache_clear()
+    split = sources.open_split("image_folder/coords", "train", destination)
+    for index in range(len(split)):
+        with pytest.raises(data.DamagedDataError):
+            split[index]
     return destination
 
 

@@ -1,6 +1,6 @@
 """The pulling loss against a plain loop-over-queries NumPy reference, and its sampling formulas."""
 import collections
-import inspect
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,11 @@ KNOBS = dict(
     temperature=0.2,
 )
 # One compile per set of knobs (op-by-op dispatch of the loss is slower than compiling it).
-_pulling_loss = jax.jit(pulling.pulling_loss, static_argnames=(*KNOBS, "key_domain", "mesh", "num_groups"))
+_jitted_loss = jax.jit(pulling.pulling_loss, static_argnames=("options", "mesh"))
+
+
+def _pulling_loss(key, *arrays, mesh=None, **knobs):
+    return _jitted_loss(pulling.PullOptions(**knobs), key, *arrays, mesh=mesh)
 SAMPLE_KNOBS = (
     "num_classes",
     "num_queries",
@@ -290,7 +294,7 @@ def test_compiles_once_whatever_classes_are_present():
 
     def loss_fn(key, *arrays):
         traces.append(1)  # runs once per trace
-        return pulling.pulling_loss(key, *arrays, **KNOBS)
+        return pulling.pulling_loss(pulling.PullOptions(**KNOBS), key, *arrays)
 
     jitted = jax.jit(loss_fn)
     batches = [
@@ -318,16 +322,16 @@ def test_downsample_labels_nearest():
 
 def test_options_and_errors():
     config = config_lib.default_config()
-    options = pulling.pulling_loss_options(config)
-    assert set(options) <= set(inspect.signature(pulling.pulling_loss).parameters)
-    inputs = _inputs(13)
-    no_target = dict(inputs, target_key_features=None, target_pseudo_labels=None, target_confidence=None)
+    options = pulling.PullOptions.from_config(config)
+    from_pull = {field.name for field in dataclasses.fields(options)} - {"num_classes", "num_groups"}
+    assert all(getattr(options, name) == config.pull[name] for name in from_pull)
+    assert (options.num_classes, options.num_groups) == (config.model.num_classes, None)  # pull.num_groups=0
     with pytest.raises(ValueError, match="domain_equalised_negatives needs target data"):
-        pulling.pulling_loss(jax.random.key(0), *no_target.values(), **KNOBS)
+        pulling.PullOptions(**KNOBS).check(has_target=False)
     with pytest.raises(ValueError, match="unknown pull.loss"):
-        pulling.pulling_loss(jax.random.key(0), *inputs.values(), **{**KNOBS, "loss": "l1"})
+        pulling.PullOptions(**{**KNOBS, "loss": "l1"}).check(has_target=True)
     with pytest.raises(ValueError, match="pull.num_groups=3 must divide the batch of 2 images"):
-        pulling.pulling_loss(jax.random.key(0), *inputs.values(), **KNOBS, num_groups=3)
+        _pulling_loss(jax.random.key(0), *_inputs(13).values(), **KNOBS, num_groups=3)
 
 
 @pytest.mark.parametrize("case", ["paper_default", "no_target"])
@@ -362,7 +366,8 @@ def test_eight_devices_equal_one_device_with_eight_groups():
 
     def loss_and_grad(mesh, num_groups):
         def loss_fn(query_features, *rest):
-            return pulling.pulling_loss(key, query_features, *rest, **KNOBS, mesh=mesh, num_groups=num_groups)
+            options = pulling.PullOptions(**KNOBS, num_groups=num_groups)
+            return pulling.pulling_loss(options, key, query_features, *rest, mesh=mesh)
 
         return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(*inputs.values())
 

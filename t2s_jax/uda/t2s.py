@@ -118,7 +118,7 @@ class PullTerm(Term):
             target_labels = pulling.downsample_labels_nearest(jnp.argmax(probabilities, -1), feature_hw)
             target_confidence = pulling.downsample_labels_nearest(jnp.max(probabilities, -1), feature_hw)
         query_labels = target_labels if self.pull.query_domain == "target" else source_labels
-        value, metrics = pulling.pulling_loss_with(
+        value, metrics = pulling.pulling_loss(
             self.options,
             context.keys["pulling"],
             query_features=queries,

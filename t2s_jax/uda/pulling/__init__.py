@@ -2,7 +2,7 @@
 
 Modules: `options` (the one frozen `PullOptions`, from `config.pull`), `sampling` (the
 fixed-size draws of queries and negatives), `loss` (one sampling group's loss), `groups`
-(sampling groups on the device mesh, the entry points `pulling_loss_with` / `pulling_loss`).
+(sampling groups on the device mesh, the entry point `pulling_loss`).
 
 Queries are student projector features of the pseudo-target image at pixels of class c
 (labels: the source labels); each is pulled to its positive key, the source prototype
@@ -73,9 +73,9 @@ All label maps live on the stride-4 feature grid; `downsample_labels_nearest` br
 full-resolution maps there (nearest neighbour [our choice]). Labels outside [0, K)
 (255 = ignore) are never candidates.
 """
-from t2s_jax.uda.pulling.groups import GROUP_AXIS, pulling_loss, pulling_loss_with
+from t2s_jax.uda.pulling.groups import GROUP_AXIS, pulling_loss
 from t2s_jax.uda.pulling.loss import QUERY_CHUNK, class_sums, combine, drw_weights, infonce_losses, l2_normalize
-from t2s_jax.uda.pulling.options import KEY_DOMAINS, LOSSES, PullOptions, pulling_loss_options
+from t2s_jax.uda.pulling.options import KEY_DOMAINS, LOSSES, PullOptions
 from t2s_jax.uda.pulling.sampling import (
     NegativeSample,
     PullSamples,
@@ -92,6 +92,6 @@ from t2s_jax.uda.pulling.sampling import (
 __all__ = [
     "GROUP_AXIS", "KEY_DOMAINS", "LOSSES", "QUERY_CHUNK", "NegativeSample", "PullOptions", "PullSamples",
     "QuerySample", "class_sums", "combine", "downsample_labels_nearest", "draw_pull_samples", "drw_weights",
-    "infonce_losses", "l2_normalize", "pulling_loss", "pulling_loss_options", "pulling_loss_with",
+    "infonce_losses", "l2_normalize", "pulling_loss",
     "queries_per_class", "query_budget", "sample_negatives", "sample_queries", "unreliable_labels",
 ]  # fmt: skip

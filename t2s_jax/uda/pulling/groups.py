@@ -34,7 +34,7 @@ def _num_groups(batch_size: int, mesh: jax.sharding.Mesh | None, num_groups: int
     return groups, num_devices
 
 
-def pulling_loss_with(
+def pulling_loss(
     options: PullOptions,
     key: jax.Array,
     query_features: jax.Array,
@@ -106,25 +106,3 @@ def pulling_loss_with(
         check_vma=False,
     )(key, arrays)
 
-
-def pulling_loss(
-    key: jax.Array,
-    query_features: jax.Array,
-    query_labels: jax.Array,
-    source_key_features: jax.Array,
-    source_labels: jax.Array,
-    target_key_features: jax.Array | None,
-    target_pseudo_labels: jax.Array | None,
-    target_confidence: jax.Array | None,
-    *,
-    mesh: jax.sharding.Mesh | None = None,
-    **options,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`pulling_loss_with` for the fields of `PullOptions` given as keywords, checked here (the
-    pull term builds its `PullOptions` once instead)."""
-    pull_options = PullOptions(**options)
-    pull_options.check(has_target=target_key_features is not None)
-    return pulling_loss_with(
-        pull_options, key, query_features, query_labels, source_key_features, source_labels,
-        target_key_features, target_pseudo_labels, target_confidence, mesh=mesh,
-    )  # fmt: skip

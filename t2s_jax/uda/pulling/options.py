@@ -52,7 +52,3 @@ class PullOptions:
                 if on:
                     raise ValueError(f"{name} needs target data; switch it off for domain generalisation")
 
-
-def pulling_loss_options(config: ml_collections.ConfigDict) -> dict:
-    """Keyword arguments of `pulling_loss` from a run config."""
-    return dataclasses.asdict(PullOptions.from_config(config))
