@@ -92,6 +92,21 @@ def default_config() -> ml_collections.ConfigDict:
     # Set by the run from the method (training.train_state.model_config_for_run: a term reads projections);
     # the value given here is replaced.
     model.projector.enabled = False
+    # HRDA multi-resolution training and inference (docs/hosts.md): the encoder and head run on
+    # the crop at `context_scale` and on a detail crop at full resolution, fused by a learned
+    # class-wise scale attention. Off: the single-scale host.
+    model.hrda = ml_collections.ConfigDict()
+    model.hrda.enabled = False
+    model.hrda.context_scale = 0.5
+    model.hrda.detail_crop_hw = (512, 512)  # full-resolution detail crop inside the training crop
+    model.hrda.crop_divisible = 8  # detail-box offsets are multiples of this (output stride / context scale)
+    model.hrda.attention_classwise = True  # one attention map per class (False: one for all)
+    model.hrda.attention_channels = 256
+    model.hrda.detail_loss_weight = 0.1  # CE of the detail logits on the labels in their box
+    model.hrda.context_loss_weight = 0.0  # CE of the context logits; the fused CE gets 1 - both
+    # The teacher's and evaluation's detail branch: windows of detail_crop_hw at this stride over
+    # the context crop (512 / 256: 9 overlapping windows of a 1024 crop).
+    model.hrda.detail_slide_stride_hw = (256, 256)
     model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
     # Each stage's repeated blocks as one block scanned over stacked parameters: XLA compiles a
     # stage once, not once per block (B5's 40-block stage), for a shorter first step.
@@ -124,6 +139,10 @@ def default_config() -> ml_collections.ConfigDict:
     data.rcs.temperature = 0.01
     data.rcs.min_pixels = 3000  # a file is a candidate for class c with more pixels of c than this
     data.rcs.min_crop_pixels = 1500  # re-crop until the crop holds more pixels of c than this
+    # HRDA's pseudo-label validity (v2): target pixels within (top, bottom, left, right) of the
+    # stored image's borders get weight 0, carried through the resize, crop and flip of each
+    # image (HRDA: (30, 240, 30, 30) on 1024x2048); () = off (DAFormer's crop rows, uda.pseudo_ignore_*).
+    data.pseudo_margins = ()
     data.batch_size = 2  # global images per domain per step (B)
     data.num_workers = 4  # grain worker processes per host; 0 = in the main process
     data.prefetch = 2  # batches prefetched to the devices
@@ -283,6 +302,15 @@ RULES: dict[str, Rule] = {
     "model.projector.hidden_channels": POSITIVE,
     "model.projector.dim": POSITIVE,
     "model.projector.enabled": Rule("False (the run sets it from the method's terms)", lambda v: v is False),
+    "model.hrda.enabled": BOOL,
+    "model.hrda.context_scale": number(0, 1, open_low=True, open_high=True),
+    "model.hrda.detail_crop_hw": HW,
+    "model.hrda.crop_divisible": POSITIVE,
+    "model.hrda.attention_classwise": BOOL,
+    "model.hrda.attention_channels": POSITIVE,
+    "model.hrda.detail_loss_weight": number(0, 1),
+    "model.hrda.context_loss_weight": number(0, 1),
+    "model.hrda.detail_slide_stride_hw": HW,
     "model.dtype": one_of(*DTYPES),
     "model.scan_blocks": BOOL,
     "model.remat": one_of(*REMAT),
@@ -303,6 +331,10 @@ RULES: dict[str, Rule] = {
     "data.rcs.temperature": number(0, open_low=True),
     "data.rcs.min_pixels": NON_NEGATIVE,
     "data.rcs.min_crop_pixels": NON_NEGATIVE,
+    "data.pseudo_margins": Rule(
+        "() or a tuple of 4 integers >= 0 (top, bottom, left, right), e.g. (30, 240, 30, 30)",
+        lambda v: v == () or (isinstance(v, tuple) and len(v) == 4 and all(_is_int(x) and x >= 0 for x in v)),
+    ),
     "data.batch_size": POSITIVE,
     "data.num_workers": NON_NEGATIVE,
     "data.prefetch": NON_NEGATIVE,
