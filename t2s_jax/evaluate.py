@@ -164,8 +164,16 @@ def predict_logits(
     return summed / coverage[None, :, :, None]
 
 
+def _segmentor_logits(model: nnx.Module, images: jax.Array) -> jax.Array:
+    return model(images, train=False)
+
+
 def make_eval_step(
-    graphdef: nnx.GraphDef, mesh: Mesh, eval_config: ml_collections.ConfigDict, num_classes: int
+    graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    eval_config: ml_collections.ConfigDict,
+    num_classes: int,
+    model_logits: Callable[[nnx.Module, jax.Array], jax.Array] = _segmentor_logits,
 ) -> Callable[[tuple[nnx.State, ...], dict[str, jax.Array]], dict[str, jax.Array]]:
     """The jitted evaluation of one global batch.
 
@@ -175,6 +183,7 @@ def make_eval_step(
     'confusion' (K, K) int32 summed over the global batch (replicated), 'num_examples'
     (valid ones) and 'prediction' uint8 (B, H, W) at the label size (data sharded, for
     pictures). `eval_config` is `config.eval` (mode, slide_crop_hw, slide_stride_hw).
+    `model_logits(model, images)`: stride-4 logits of one window (the run's host's `eval_logits`).
     """
     batch_sharding = data_sharded(mesh)
     mode, crop_hw, stride_hw = eval_config.mode, tuple(eval_config.slide_crop_hw), tuple(eval_config.slide_stride_hw)
@@ -184,7 +193,7 @@ def make_eval_step(
         model = nnx.merge(graphdef, *variables)
         images = jax.lax.with_sharding_constraint(normalize(batch["image"]), batch_sharding)
         logits = predict_logits(
-            lambda x: model(x, train=False), images, mode=mode, crop_hw=crop_hw, stride_hw=stride_hw
+            lambda x: model_logits(model, x), images, mode=mode, crop_hw=crop_hw, stride_hw=stride_hw
         )
         logits = resize_bilinear(logits, batch["label"].shape[1:3])
         predictions = jnp.argmax(logits, axis=-1)

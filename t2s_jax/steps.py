@@ -11,11 +11,11 @@ device mesh. A method is a list of terms (`t2s_jax/methods.py`, `t2s_jax/uda/ter
 The step knows no term: what a term needs (views, passes, random streams, state) it
 declares (`Term`), and the step checks that no two terms claim the same pass or name.
 
-Accelerators want large batches, so the student's passes of a step (source, mixed,
-pseudo-target, masked, ...) run as one forward, and the teacher's views (target, source) as
-another, interleaved example-major so a device's examples stay on it (`stack_passes`).
-BatchNorm normalises each pass with its own statistics (`num_batch_groups`), so the
-semantics of separate passes hold.
+The model is reached only through the run's host (`t2s_jax/hosts/`): the student's passes of
+a step (source, mixed, pseudo-target, masked, ...) run as one host forward, the teacher's
+views (target, source) as another; the host stacks them so BatchNorm normalises each pass
+with its own statistics, and the semantics of separate passes hold. A term's supervised loss
+is the host's too.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import ml_collections
 import optax
 from flax import nnx
 
-from t2s_jax import methods
+from t2s_jax import hosts, methods
 from t2s_jax.classes import IGNORE_INDEX
-from t2s_jax.models import SegmentorOutput, resize_bilinear, stack_passes, unstack_passes
+from t2s_jax.models import SegmentorOutput, resize_bilinear
 from t2s_jax.optim import learning_rate_schedule
-from t2s_jax.uda import ema, normalize, pseudo_labels
+from t2s_jax.uda import ema, pseudo_labels
 from t2s_jax.uda.term import Metrics, PseudoLabels, StepContext, Term, stream_key
 
 
@@ -82,9 +82,9 @@ STEP_METRICS = ("loss", "learning_rate", "grad_norm", "pseudo_quality", "pseudo_
 
 
 def _term_keys(rng: jax.Array, step: jax.Array, terms: Sequence[Term]) -> dict[str, dict[str, jax.Array]]:
-    """{owner: {stream: key}} of this step: the step's dropout and each term's declared streams."""
+    """{owner: {stream: key}} of this step: the step's dropout and host crops, each term's declared streams."""
     step_key = jax.random.fold_in(rng, step)
-    owners = {STEP: ("dropout",), **{term.name: term.random_streams for term in terms}}
+    owners = {STEP: ("dropout", "crop"), **{term.name: term.random_streams for term in terms}}
     return {owner: {s: stream_key(step_key, owner, s) for s in streams} for owner, streams in owners.items()}
 
 
@@ -127,18 +127,11 @@ def _first_requests(requests: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name for names in requests for name in names))
 
 
-def _forward(graphdef, params, batch_stats, passes: dict[str, jax.Array], *, train: bool, **kwargs):
-    """One batched pass over the named image batches; returns ({name: output}, new BN statistics)."""
-    names = list(passes)
+def _with_model(graphdef, params, batch_stats, run: Callable[[nnx.Module], Any]) -> tuple[Any, nnx.State]:
+    """`run(model)` on the model of `params` and `batch_stats`; (its result, the BN statistics after it)."""
     # copy=True: fresh Variables at this trace level, so BatchNorm may update them here.
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    images = normalize.normalize(stack_passes([passes[name] for name in names]))
-    output = model.forward(images, train=train, num_batch_groups=len(names), **kwargs)
-    outputs = {
-        name: jax.tree.map(lambda x, i=index: unstack_passes(x, len(names))[i], output)
-        for index, name in enumerate(names)
-    }
-    return outputs, nnx.state(model, nnx.BatchStat)
+    return run(model), nnx.state(model, nnx.BatchStat)
 
 
 def _pseudo_label_accuracy(pseudo_label: jax.Array, target_label: jax.Array) -> jax.Array:
@@ -157,9 +150,10 @@ def make_train_step(
     mesh: jax.sharding.Mesh | None = None,
     terms: Sequence[Term] | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array], nnx.State], tuple[TrainState, Metrics]]:
-    """The step of `terms` (default: the run's, `methods.build_terms`); jit it with the state
-    replicated and the batch sharded on `mesh`."""
+    """The step of `terms` (default: the run's, `methods.build_terms`) on the run's host
+    (`hosts.build_host`); jit it with the state replicated and the batch sharded on `mesh`."""
     terms = methods.build_terms(config) if terms is None else tuple(terms)
+    host = hosts.build_host(config)
     check_terms(terms)
     learning_rate = learning_rate_schedule(config.optim.learning_rate, config.optim, num_steps)
     teacher_views = _first_requests([term.teacher_views for term in terms])
@@ -168,11 +162,11 @@ def make_train_step(
     needs_pseudo_labels = any(term.needs_pseudo_labels for term in terms)
     uda = config.uda
 
-    def teacher_forward(teacher_params, teacher_batch_stats, passes, with_projection):
+    def teacher_forward(teacher_params, teacher_batch_stats, views, with_projection):
         """Dropout and stochastic depth off, BN on the batch's own statistics, no gradient."""
-        outputs, new_stats = _forward(
-            graphdef, teacher_params, teacher_batch_stats, passes,
-            train=False, use_batch_stats=True, with_projection=with_projection,
+        outputs, new_stats = _with_model(
+            graphdef, teacher_params, teacher_batch_stats,
+            lambda model: host.teacher_forward(model, views, with_projection=with_projection),
         )  # fmt: skip
         return jax.tree.map(jax.lax.stop_gradient, outputs), new_stats
 
@@ -201,12 +195,13 @@ def make_train_step(
             )
         metrics: Metrics = {}
         pseudo = None
+        target_valid = batch.get("target_valid")
         if needs_pseudo_labels:
             logits = teacher["target"].logits
             pseudo = PseudoLabels(*pseudo_labels.pseudo_labels(
                 resize_bilinear(logits, target_image.shape[1:3]),
                 threshold=uda.pseudo_threshold, ignore_top=uda.pseudo_ignore_top,
-                ignore_bottom=uda.pseudo_ignore_bottom,
+                ignore_bottom=uda.pseudo_ignore_bottom, valid=target_valid,
             ))  # fmt: skip
             metrics["pseudo_quality"] = pseudo.quality
             if "target_label" in batch:
@@ -214,16 +209,16 @@ def make_train_step(
 
         def imagenet_features(images_0_255):
             model = nnx.merge(graphdef, imagenet_params, state.batch_stats)
-            return jax.lax.stop_gradient(model.encoder(normalize.normalize(images_0_255))[-1])
+            return jax.lax.stop_gradient(host.imagenet_features(model, images_0_255))
 
         def view_forward(params, images_0_255):
             outputs, _ = teacher_forward(params, state.teacher_batch_stats, {"view": images_0_255}, False)
             return outputs["view"]
 
         shared = StepContext(
-            config=config, mesh=mesh, keys={}, step=state.step,
+            config=config, mesh=mesh, host=host, keys={}, step=state.step,
             source_image=source_image, source_label=batch["source_label"],
-            target_image=target_image, teacher=teacher, pseudo=pseudo,
+            target_image=target_image, target_valid=target_valid, teacher=teacher, pseudo=pseudo,
             imagenet_features=imagenet_features, teacher_forward=view_forward,
         )  # fmt: skip
         contexts = [
@@ -242,9 +237,12 @@ def make_train_step(
             prepared.append(term_prepared)
 
         def loss_fn(params):
-            student, batch_stats = _forward(
-                graphdef, params, state.batch_stats, passes,
-                train=True, dropout_key=keys[STEP]["dropout"], with_projection=student_projection,
+            student, batch_stats = _with_model(
+                graphdef, params, state.batch_stats,
+                lambda model: host.student_forward(
+                    model, passes, dropout_key=keys[STEP]["dropout"], crop_key=keys[STEP]["crop"],
+                    with_projection=student_projection,
+                ),
             )  # fmt: skip
             weighted: dict[str, jax.Array] = {}
             term_metrics: Metrics = {}

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from t2s_jax.hosts import SingleScaleHost
 from t2s_jax.models import resize_bilinear
 from t2s_jax.uda import ema, normalize, pseudo_labels
 from t2s_jax.uda.term import PseudoLabels, StepContext, stream_key
@@ -81,8 +82,8 @@ def reference_step(config: ml_collections.ConfigDict, graphdef, terms, state, ba
 
     contexts = [
         StepContext(
-            config=config, mesh=None, step=state.step, source_image=batch["source_image"],
-            source_label=batch["source_label"], target_image=batch.get("target_image"), teacher=teacher,
+            config=config, mesh=None, host=SingleScaleHost(), step=state.step, source_image=batch["source_image"],
+            source_label=batch["source_label"], target_image=batch.get("target_image"), target_valid=None, teacher=teacher,
             pseudo=pseudo, imagenet_features=imagenet_features, teacher_forward=own_teacher,
             keys={stream: stream_key(step_key, term.name, stream) for stream in term.random_streams},
             state=term_states.get(term.name),

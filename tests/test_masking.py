@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from t2s_jax.hosts import SingleScaleHost
 from t2s_jax.models import SegmentorOutput
 from t2s_jax.uda import masking, masktwins, mic, normalize
 from t2s_jax.uda.term import PseudoLabels, StepContext
@@ -70,9 +71,9 @@ def _context(config, batch=2, hw=(32, 32), num_classes=19, seed=0):
     images = lambda: jnp.asarray(rng.uniform(0, 255, (batch, *hw, 3)), jnp.float32)  # noqa: E731
     keys = {name: jax.random.key(i) for i, name in enumerate(("mask", "augment"))}
     return StepContext(
-        config=config, mesh=None, keys=keys, step=jnp.zeros((), jnp.int32),
+        config=config, mesh=None, host=SingleScaleHost(), keys=keys, step=jnp.zeros((), jnp.int32),
         source_image=images(), source_label=jnp.asarray(rng.integers(0, num_classes, (batch, *hw)), jnp.int32),
-        target_image=images(), teacher={}, pseudo=pseudo, imagenet_features=None, teacher_forward=None,
+        target_image=images(), target_valid=None, teacher={}, pseudo=pseudo, imagenet_features=None, teacher_forward=None,
     )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from t2s_jax.hosts import SingleScaleHost
 from t2s_jax import methods
 from t2s_jax.models import SegmentorOutput, resize_bilinear
 from t2s_jax.uda import pseudo_labels
@@ -82,8 +83,8 @@ def _outcome(term_class, config, seed=0):
     ))  # fmt: skip
     step_key = jax.random.fold_in(jax.random.PRNGKey(seed), 7)
     context = StepContext(
-        config=config, mesh=None, step=step, source_image=batch["source_image"],
-        source_label=batch["source_label"], target_image=batch["target_image"], teacher=teacher, pseudo=pseudo,
+        config=config, mesh=None, host=SingleScaleHost(), step=step, source_image=batch["source_image"],
+        source_label=batch["source_label"], target_image=batch["target_image"], target_valid=None, teacher=teacher, pseudo=pseudo,
         imagenet_features=lambda images: _fake_model(IMAGENET, images).encoder_features[-1],
         teacher_forward=_fake_model, state=state,
         keys={stream: stream_key(step_key, term.name, stream) for stream in term.random_streams},

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import jax
 import ml_collections
 
-from t2s_jax import data, evaluate, jsonio, parallel, reporting
+from t2s_jax import data, evaluate, hosts, jsonio, parallel, reporting
 from t2s_jax.training.control import RunError, disk_error
 
 _RERUN = "rerun with the same --workdir to resume from the last checkpoint"
@@ -38,7 +38,9 @@ def make_evaluator(
     """`run(params, batch_stats) -> summary` over the eval split. The global eval batch is
     `data.eval_batch_size` rounded up to a multiple of the mesh's devices; the padding
     examples (valid=False) are scored nowhere, so any eval_batch_size works on any mesh."""
-    eval_step = evaluate.make_eval_step(graphdef, mesh, config.eval, config.model.num_classes)
+    eval_step = evaluate.make_eval_step(
+        graphdef, mesh, config.eval, config.model.num_classes, hosts.build_host(config).eval_logits
+    )
     data_config = ml_collections.ConfigDict(config.data.to_dict())
     data_config.eval_batch_size = parallel.padded_batch_size(config.data.eval_batch_size, mesh)
 

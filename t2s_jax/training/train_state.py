@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from t2s_jax import methods, parallel, steps
-from t2s_jax.models import build_segmentor, maybe_load_pretrained
+from t2s_jax import hosts, methods, parallel, steps
+from t2s_jax.models import maybe_load_pretrained
 from t2s_jax.optim import make_optimizer
 from t2s_jax.training.control import RunError
 
@@ -52,7 +52,8 @@ def abstract_model_state(
     """The student's graph and the shapes of its parameters and BN statistics (replicated on
     `mesh` when given: a restore target); nothing is initialised or compiled."""
     model_config = model_config_for_run(config)
-    model = nnx.eval_shape(lambda: build_segmentor(model_config, rngs=nnx.Rngs(0)))
+    host = hosts.build_host(config)
+    model = nnx.eval_shape(lambda: host.build_model(model_config, rngs=nnx.Rngs(0)))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     if mesh is not None:
         sharding = parallel.replicated(mesh)
@@ -96,8 +97,10 @@ def create_model_state(
     model_config = model_config_for_run(config)
     graphdef = abstract_model_state(config)[0]
 
+    host = hosts.build_host(config)
+
     def init():
-        model = build_segmentor(model_config, rngs=nnx.Rngs(config.seed))
+        model = host.build_model(model_config, rngs=nnx.Rngs(config.seed))
         _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         return params, batch_stats
 

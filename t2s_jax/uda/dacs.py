@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from t2s_jax import losses
 from t2s_jax.models import SegmentorOutput
 from t2s_jax.uda import augment, classmix
 from t2s_jax.uda.term import Losses, Metrics, StepContext, Term
@@ -54,5 +53,5 @@ class DacsTerm(Term):
     def losses(
         self, context: StepContext, student: Mapping[str, SegmentorOutput], prepared: MixedTargets
     ) -> tuple[Losses, Metrics]:
-        loss = losses.segmentation_loss(student[MIXED_PASS].logits, prepared.label, prepared.weight)
+        loss = context.host.segmentation_loss(student[MIXED_PASS], prepared.label, prepared.weight)
         return {"loss_mixed": loss}, {}

@@ -26,13 +26,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from t2s_jax import losses
 from t2s_jax.models import SegmentorOutput
 from t2s_jax.uda import masking
 from t2s_jax.uda.mic import mic_augment
 from t2s_jax.uda.term import Batch, Losses, Metrics, StepContext, Term
 
-TARGET_KEYS = ("target_image", "target_label")
+TARGET_KEYS = ("target_image", "target_label", "target_valid")
 
 
 def default_options() -> ml_collections.ConfigDict:
@@ -108,7 +107,10 @@ class MaskTwinsTerm(Term):
     ) -> tuple[Losses, Metrics]:
         pseudo = context.pseudo
         logits = [student[view_pass(v)].logits for v in range(self.num_views)]
-        view_losses = [losses.segmentation_loss(x, pseudo.label, pseudo.weight) for x in logits]
+        view_losses = [
+            context.host.segmentation_loss(student[view_pass(v)], pseudo.label, pseudo.weight)
+            for v in range(self.num_views)
+        ]
         mean_squared = consistency(logits)
         return (
             {

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from t2s_jax import losses
 from t2s_jax.models import SegmentorOutput, resize_bilinear
 from t2s_jax.uda import augment, ema, masking, pseudo_labels
 from t2s_jax.uda.term import Losses, Metrics, PseudoLabels, StepContext, Term
@@ -74,13 +73,13 @@ def mic_augment(key: jax.Array, images: jax.Array, uda_config: ml_collections.Co
     return augment.strong_augment(key, images, **{**options, "blur_prob": MIC_BLUR_PROB})
 
 
-def rethresholded(pseudo: PseudoLabels, threshold: float | None, valid_rows: jax.Array) -> jax.Array:
+def rethresholded(pseudo: PseudoLabels, threshold: float | None, validity: jax.Array) -> jax.Array:
     """(B, H, W) pixel weights q' * V for another confidence threshold (None: V alone)."""
     if threshold is None:
         quality = jnp.ones((), jnp.float32)
     else:
         quality = jnp.mean((pseudo.confidence >= threshold).astype(jnp.float32))
-    return jnp.broadcast_to(jnp.where(valid_rows[:, None], quality, 0.0), pseudo.confidence.shape)
+    return quality * validity
 
 
 class MaskedTargets(NamedTuple):
@@ -139,14 +138,17 @@ class MicTerm(Term):
             threshold=self.threshold if self.threshold is not None else 0.0,
             ignore_top=self.uda.pseudo_ignore_top,
             ignore_bottom=self.uda.pseudo_ignore_bottom,
+            valid=context.target_valid,
         )
         return PseudoLabels(labels, weight, confidence, quality)
 
-    def _target_weight(self, pseudo: PseudoLabels, height: int) -> jax.Array:
+    def _target_weight(self, pseudo: PseudoLabels, valid: jax.Array | None) -> jax.Array:
         if self.teacher_alpha is None and not self.rethreshold:
             return pseudo.weight
-        rows = pseudo_labels.trusted_rows(height, self.uda.pseudo_ignore_top, self.uda.pseudo_ignore_bottom)
-        return rethresholded(pseudo, self.threshold, rows)
+        validity = pseudo_labels.pixel_validity(
+            pseudo.confidence.shape, self.uda.pseudo_ignore_top, self.uda.pseudo_ignore_bottom, valid
+        )
+        return rethresholded(pseudo, self.threshold, validity)
 
     def _images_and_targets(self, context: StepContext) -> tuple[jax.Array, MaskedTargets]:
         mode = self.mic.mode
@@ -154,7 +156,7 @@ class MicTerm(Term):
         if "src" in mode:
             return source_image, MaskedTargets(source_label, jnp.ones(source_label.shape, jnp.float32))
         pseudo = self._target_pseudo_labels(context)
-        weight = self._target_weight(pseudo, source_label.shape[1])
+        weight = self._target_weight(pseudo, context.target_valid)
         if "trg" in mode:
             return context.target_image, MaskedTargets(pseudo.label, weight)
         images = jnp.stack([source_image[0], context.target_image[0]])
@@ -174,5 +176,5 @@ class MicTerm(Term):
     def losses(
         self, context: StepContext, student: Mapping[str, SegmentorOutput], prepared: MaskedTargets
     ) -> tuple[Losses, Metrics]:
-        loss = losses.segmentation_loss(student[MASKED_PASS].logits, prepared.label, prepared.weight)
+        loss = context.host.segmentation_loss(student[MASKED_PASS], prepared.label, prepared.weight)
         return {"loss_mic": self.mic.weight * loss}, {}

@@ -7,7 +7,6 @@ from typing import Any
 
 import ml_collections
 
-from t2s_jax import losses
 from t2s_jax.models import SegmentorOutput
 from t2s_jax.uda.term import Losses, Metrics, StepContext, Term
 
@@ -29,4 +28,4 @@ class SourceTerm(Term):
     def losses(
         self, context: StepContext, student: Mapping[str, SegmentorOutput], prepared: Any
     ) -> tuple[Losses, Metrics]:
-        return {"loss_source": losses.segmentation_loss(student[SOURCE_PASS].logits, context.source_label)}, {}
+        return {"loss_source": context.host.segmentation_loss(student[SOURCE_PASS], context.source_label)}, {}

@@ -15,11 +15,13 @@ and then
    batch and the teacher's output (ClassMix images, FDA images, masked images, ...), plus
    whatever its loss needs besides the student's output (mixed labels, masks, ...);
 2. turns the student's output on those passes into named, weighted losses (`loss_*`,
-   summed into the step's loss) and monitoring metrics.
+   summed into the step's loss) and monitoring metrics; a pass's supervised loss is the
+   host's (`StepContext.host.segmentation_loss`), so a term runs on any host (HRDA's fused +
+   detail loss needs no edit in a term).
 
-The step runs every student pass of every term as ONE batched forward/backward with
-per-pass BatchNorm statistics (ghost batches, `models.layers.stack_passes`), so terms never
-call the model themselves. Each pass has one producing term; a term may read another's
+The step runs every student pass of every term through the host (`t2s_jax/hosts/`) as ONE
+batched forward/backward with per-pass BatchNorm statistics (ghost batches,
+`models.layers.stack_passes`), so terms never call the model themselves. Each pass has one producing term; a term may read another's
 pass only by declaring it (`reads_passes`: the pull term's source queries are the source
 term's pass). Pass, loss and metric names are unique across terms (checked by the step).
 Randomness comes from the term's declared `random_streams`: each stream's key is derived
@@ -36,6 +38,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
+from t2s_jax.hosts import Host
 from t2s_jax.models import SegmentorOutput
 
 Losses = dict[str, jax.Array]
@@ -64,11 +67,15 @@ class StepContext:
 
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh | None
+    host: Host  # the run's host: `host.segmentation_loss(student[pass], labels, weights)`
     keys: Mapping[str, jax.Array]  # this term's random streams (its `random_streams`) in this step
     step: jax.Array  # () int32, optimizer updates done before this step
     source_image: jax.Array
     source_label: jax.Array  # (B, H, W) int32, 255 = ignore
     target_image: jax.Array | None  # None without target data
+    # (B, H, W) uint8 validity of the target pixels for pseudo-labels (`data.pseudo_margins`),
+    # already in `pseudo.weight`; None without margins.
+    target_valid: jax.Array | None
     teacher: Mapping[str, SegmentorOutput]  # the teacher's (stop-gradient) output per view name
     pseudo: PseudoLabels | None  # None unless a term needs pseudo-labels
     # (images 0..255) -> last-stage features of the frozen ImageNet encoder (feature distance).

@@ -1,0 +1,22 @@
+"""Hosts: what the train step, the loss terms and evaluation talk to instead of the model.
+
+`base.Host` is the interface (student forward over named passes, teacher forward over views,
+a pass's segmentation loss, the ImageNet features of the feature distance, evaluation logits);
+`base.SingleScaleHost` is DAFormer's one-forward-per-image host; `hrda.HRDAHost` wraps it in
+HRDA's multi-resolution training and inference. A new host is a new module here.
+"""
+
+import ml_collections
+
+from t2s_jax.hosts.base import Host, SingleScaleHost
+# from t2s_jax.hosts.hrda import HRDAHost, HRDAOutput  # TEMP until models.hrda merges
+
+
+def build_host(config: ml_collections.ConfigDict) -> Host:
+    """The host of a run config: HRDA when `config.model.hrda.enabled`, else single-scale."""
+    if config.model.hrda.enabled:
+        raise NotImplementedError  # TEMP
+    return SingleScaleHost()
+
+
+__all__ = ["HRDAHost", "HRDAOutput", "Host", "SingleScaleHost", "build_host"]
