@@ -172,7 +172,9 @@ def detail_slide(
     logits = apply_detail(crops).astype(jnp.float32)
     cell_hw = (window_h // output_stride, window_w // output_stride)
     if tuple(logits.shape[1:3]) != cell_hw:
-        raise ValueError(f"apply_detail gave {logits.shape[1:3]} logits for {window_h}x{window_w} windows, not {cell_hw}")
+        raise ValueError(
+            f"apply_detail gave {logits.shape[1:3]} logits for {window_h}x{window_w} windows, not {cell_hw}"
+        )
     canvas_hw = (height // output_stride, width // output_stride)
     summed = jnp.zeros((batch, *canvas_hw, logits.shape[-1]), jnp.float32)
     coverage = np.zeros(canvas_hw, np.float32)
