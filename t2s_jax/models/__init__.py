@@ -1,6 +1,8 @@
-"""MiT encoder, DAFormer / SegFormer heads, T2S-DA projector, segmentor, pretrained-weight import."""
+"""MiT encoder, DAFormer / SegFormer heads, T2S-DA projector, HRDA multi-resolution pieces, segmentor,
+pretrained-weight import."""
 
 from t2s_jax.models.heads import DAFormerHead, SegFormerHead
+from t2s_jax.models.hrda import ScaleAttentionHead
 from t2s_jax.models.layers import BatchNorm, resize_bilinear, stack_passes, unstack_passes
 from t2s_jax.models.mit import MiT, build_encoder
 from t2s_jax.models.projector import Projector
@@ -33,6 +35,7 @@ __all__ = [
     "LoadSummary",
     "MiT",
     "Projector",
+    "ScaleAttentionHead",
     "SegFormerHead",
     "Segmentor",
     "SegmentorOutput",

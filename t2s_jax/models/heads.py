@@ -18,11 +18,12 @@ from t2s_jax.models import layers
 _classifier_init = jax.nn.initializers.normal(stddev=0.01)
 
 
-def _classifier(in_channels: int, num_classes: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Conv:
+def build_classifier(in_channels: int, num_classes: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    """A 1x1 classifier conv with bias, initialised as mmseg's decode heads."""
     return nnx.Conv(in_channels, num_classes, (1, 1), kernel_init=_classifier_init, dtype=dtype, rngs=rngs)
 
 
-def _embed_and_resize(
+def embed_and_resize(
     features: Sequence[jax.Array], embeds: Sequence[nnx.Linear]
 ) -> list[jax.Array]:
     """Per-stage Linear to a common width, then bilinear resize to the stride-4 grid."""
@@ -60,7 +61,7 @@ class DAFormerHead(nnx.Module):
         )
         self.aspp_pointwise = nnx.List([layers.ConvBNReLU(concat, channels, 1, **bn) for _ in aspp_dilations])
         self.bottleneck = layers.ConvBNReLU(channels * (1 + len(aspp_dilations)), channels, 3, **bn)
-        self.classifier = _classifier(channels, num_classes, dtype, rngs)
+        self.classifier = build_classifier(channels, num_classes, dtype, rngs)
         self.dropout_rate = dropout_rate
 
     def __call__(
@@ -72,12 +73,12 @@ class DAFormerHead(nnx.Module):
         dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         bn = dict(use_batch_stats=use_batch_stats, num_batch_groups=num_batch_groups)
-        x = jnp.concatenate(_embed_and_resize(features, self.embed), axis=-1)
+        x = jnp.concatenate(embed_and_resize(features, self.embed), axis=-1)
         branches = [self.aspp_1x1(x, **bn)]
         for depthwise, pointwise in zip(self.aspp_depthwise, self.aspp_pointwise, strict=True):
             branches.append(pointwise(depthwise(x, **bn), **bn))
         fused = self.bottleneck(jnp.concatenate(branches, axis=-1), **bn)
-        return _classify(self.classifier, fused, self.dropout_rate, dropout_key), fused
+        return classify(self.classifier, fused, self.dropout_rate, dropout_key), fused
 
 
 class SegFormerHead(nnx.Module):
@@ -104,7 +105,7 @@ class SegFormerHead(nnx.Module):
         self.linear_fuse = layers.ConvBNReLU(
             channels * len(in_channels), channels, 1, bn_momentum=bn_momentum, bn_eps=bn_eps, dtype=dtype, rngs=rngs
         )
-        self.classifier = _classifier(channels, num_classes, dtype, rngs)
+        self.classifier = build_classifier(channels, num_classes, dtype, rngs)
         self.dropout_rate = dropout_rate
 
     def __call__(
@@ -115,14 +116,14 @@ class SegFormerHead(nnx.Module):
         num_batch_groups: int = 1,
         dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        embedded = _embed_and_resize(features, self.linear_c)
+        embedded = embed_and_resize(features, self.linear_c)
         fused = self.linear_fuse(
             jnp.concatenate(embedded[::-1], axis=-1), use_batch_stats=use_batch_stats, num_batch_groups=num_batch_groups
         )
-        return _classify(self.classifier, fused, self.dropout_rate, dropout_key), fused
+        return classify(self.classifier, fused, self.dropout_rate, dropout_key), fused
 
 
-def _classify(classifier: nnx.Conv, fused: jax.Array, dropout_rate: float, dropout_key: jax.Array | None) -> jax.Array:
+def classify(classifier: nnx.Conv, fused: jax.Array, dropout_rate: float, dropout_key: jax.Array | None) -> jax.Array:
     """Channel dropout (when a key is given), 1x1 classifier, float32 logits."""
     if dropout_key is not None:
         fused = layers.channel_dropout(fused, dropout_rate, dropout_key)

@@ -1,4 +1,5 @@
-"""The segmentor: MiT encoder + decode head (+ T2S-DA projector), built from `config.model`.
+"""The segmentor: MiT encoder + decode head (+ T2S-DA projector, + HRDA scale attention), built
+from `config.model`.
 
 State is only `nnx.Param` and `nnx.BatchStat`; randomness (stochastic depth, channel
 dropout) enters through `dropout_key`, so step functions can `nnx.split` the model, run a
@@ -13,11 +14,12 @@ import ml_collections
 from flax import nnx
 
 from t2s_jax.models import heads, layers
+from t2s_jax.models.hrda import ScaleAttentionHead
 from t2s_jax.models.mit import build_encoder
 from t2s_jax.models.projector import Projector
 
 # Top-level attribute names: the optimizer gives these 10x learning rate.
-HEAD_MODULES = ("head", "projector")
+HEAD_MODULES = ("head", "projector", "attention_head")
 # Names of the encoder's LayerNorm modules (patch embedding, block pre-norms, spatial
 # reduction `attn.norm`, stage end): no weight decay on their scale and bias.
 ENCODER_NORM_MODULES = ("patch_norm", "norm1", "norm2", "norm")
@@ -29,10 +31,12 @@ class SegmentorOutput:
     encoder_features: tuple[jax.Array, ...]  # 4 stages, NHWC, strides 4/8/16/32, compute dtype
     decoder_features: jax.Array  # fused stride-4 head feature before dropout, compute dtype
     projection: jax.Array | None = None  # unnormalised projector output, float32
+    attention: jax.Array | None = None  # HRDA scale attention (B, H/4, W/4, K or 1) float32 in (0, 1)
 
 
 class Segmentor(nnx.Module):
-    """`.encoder` (MiT), `.head` (DAFormer or SegFormer), `.projector` (None unless enabled)."""
+    """`.encoder` (MiT), `.head` (DAFormer or SegFormer), `.projector` (None unless enabled),
+    `.attention_head` (HRDA scale attention; None unless `model.hrda.enabled`)."""
 
     def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         dtype = layers.compute_dtype(model_config.dtype)
@@ -69,6 +73,19 @@ class Segmentor(nnx.Module):
             )
         else:
             self.projector = None
+        hrda = model_config.get("hrda")  # absent in model configs stored before HRDA
+        if hrda is not None and hrda.enabled:
+            self.attention_head = ScaleAttentionHead(
+                embed_dims,
+                channels=int(hrda.attention_channels),
+                num_outputs=int(model_config.num_classes) if hrda.attention_classwise else 1,
+                dropout_rate=float(model_config.dropout_rate),
+                dtype=dtype,
+                rngs=rngs,
+                **bn,
+            )
+        else:
+            self.attention_head = None
 
     def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits (B, H/4, W/4, num_classes) float32 for NHWC normalised `images`."""
@@ -83,6 +100,7 @@ class Segmentor(nnx.Module):
         num_batch_groups: int = 1,
         dropout_key: jax.Array | None = None,
         with_projection: bool = False,
+        with_attention: bool = False,
     ) -> SegmentorOutput:
         """Run the model.
 
@@ -93,11 +111,15 @@ class Segmentor(nnx.Module):
         num_batch_groups: the batch holds this many equal passes, interleaved example-major
             (`layers.stack_passes`), each normalised with its own BatchNorm statistics.
         with_projection: also run the projector.
+        with_attention: also run the HRDA scale-attention head on the same encoder features
+            (this pass is then the context pass).
         """
         if train and dropout_key is None:
             raise ValueError("Segmentor.forward(train=True) needs a dropout_key for stochastic depth and dropout")
         if with_projection and self.projector is None:
             raise ValueError("with_projection=True but this model was built without the projector")
+        if with_attention and self.attention_head is None:
+            raise ValueError("with_attention=True but this model was built without model.hrda.enabled")
         use_batch_stats = train if use_batch_stats is None else use_batch_stats
         encoder_key = head_key = None
         if train:
@@ -109,8 +131,18 @@ class Segmentor(nnx.Module):
         if with_projection:
             projector_input = fused if self.projector_input == "decoder" else features[-1]
             projection = self.projector(projector_input, **bn)
+        attention = None
+        if with_attention:
+            # Its own key, derived apart from the split, so the encoder's and the head's
+            # randomness do not depend on whether the attention runs.
+            attention_key = jax.random.fold_in(dropout_key, 1) if train else None
+            attention = self.attention_head(features, dropout_key=attention_key, **bn)
         return SegmentorOutput(
-            logits=logits, encoder_features=features, decoder_features=fused, projection=projection
+            logits=logits,
+            encoder_features=features,
+            decoder_features=fused,
+            projection=projection,
+            attention=attention,
         )
 
 
@@ -120,7 +152,7 @@ def build_segmentor(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) 
 
 
 def is_head_param(path: tuple) -> bool:
-    """Decode head or projector parameter (learning rate x head_lr_multiplier)."""
+    """Decode head, projector or scale-attention parameter (learning rate x head_lr_multiplier)."""
     return bool(path) and path[0] in HEAD_MODULES
 
 
