@@ -52,6 +52,10 @@ def config_for(data_dir, resize_hw, crop_hw, margins=MARGINS):
     return config
 
 
+def batches(config, num_batches, seed=0):
+    return take(data.make_train_iterator(config, seed=seed, process_index=0, process_count=1), num_batches)
+
+
 def inside_margins(rows, cols, height, width):
     top, bottom, left, right = MARGINS
     return (rows >= top) & (rows < height - bottom) & (cols >= left) & (cols < width - right)
@@ -64,9 +68,8 @@ RESIZES = [((12, 20), (8, 12)), ((18, 30), (10, 16)), ((9, 15), (8, 14)), ((12, 
 
 @pytest.mark.parametrize("resize_hw, crop_hw", RESIZES)
 def test_validity_follows_the_resize_crop_and_flip_of_its_image(data_dir, resize_hw, crop_hw):
-    batches = take(data.make_train_iterator(config_for(data_dir, resize_hw, crop_hw), seed=0, process_index=0, process_count=1), 6)
     flips = margin_crops = 0
-    for batch in batches:
+    for batch in batches(config_for(data_dir, resize_hw, crop_hw), 6):
         assert batch["target_valid"].shape == (4, *crop_hw) and batch["target_valid"].dtype == np.uint8
         assert "source_valid" not in batch
         for image, label, valid in zip(batch["target_image"], batch["target_label"], batch["target_valid"]):
@@ -87,8 +90,8 @@ def test_validity_follows_the_resize_crop_and_flip_of_its_image(data_dir, resize
 
 def test_without_margins_the_batches_are_unchanged(data_dir):
     """() adds no key and draws nothing: every other field is the same with and without."""
-    without = take(data.make_train_iterator(config_for(data_dir, (18, 30), (10, 16), margins=()), seed=3, process_index=0, process_count=1), 4)
-    with_margins = take(data.make_train_iterator(config_for(data_dir, (18, 30), (10, 16)), seed=3, process_index=0, process_count=1), 4)
+    without = batches(config_for(data_dir, (18, 30), (10, 16), margins=()), 4, seed=3)
+    with_margins = batches(config_for(data_dir, (18, 30), (10, 16)), 4, seed=3)
     assert all(set(b) == {"source_image", "source_label", "target_image", "target_label"} for b in without)
     assert_same_batches(without, [{k: v for k, v in b.items() if k != "target_valid"} for b in with_margins])
 
@@ -105,13 +108,15 @@ def test_validity_batches_do_not_depend_on_the_process_count_and_resume_exactly(
 
 def test_margins_that_leave_no_pixel_are_refused(data_dir):
     assert transforms.validity_map((12, 20), (5, 6, 9, 10)).sum() == 1  # one pixel left
+    no_pixel = (
+        r"^config.data.pseudo_margins=\({}\) \(top, bottom, left, right\) leave no valid pixel of a {} target image"
+    )
     for margins in ((6, 6, 0, 0), (0, 0, 10, 10), (12, 0, 0, 0)):
-        with pytest.raises(ValueError, match=r"^config.data.pseudo_margins=.* leave no valid pixel of a 12x20 target image"):
+        with pytest.raises(ValueError, match=no_pixel.format(", ".join(map(str, margins)), "12x20")):
             transforms.validity_map((12, 20), margins)
     # Each example's own stored size: 8 + 8 columns leave 4 of a 12x20 image, none of a 15x16 one.
-    iterator = data.make_train_iterator(config_for(data_dir, (12, 20), (8, 12), margins=(0, 0, 8, 8)), seed=0, process_index=0, process_count=1)
-    with pytest.raises(ValueError, match=r"pseudo_margins=\(0, 0, 8, 8\) \(top, bottom, left, right\) leave no valid pixel of a 15x16"):
-        next(iterator)
+    with pytest.raises(ValueError, match=no_pixel.format("0, 0, 8, 8", "15x16")):
+        batches(config_for(data_dir, (12, 20), (8, 12), margins=(0, 0, 8, 8)), 2)
 
 
 def test_margins_and_daformer_rows_are_exclusive(tmp_path, capsys):

@@ -2,8 +2,9 @@
 
 Images are (H, W, 3) uint8, labels (H, W) uint8 train ids with 255 = ignore, validity maps
 (H, W) uint8 with 1 = valid. Random choices come from the `np.random.Generator` grain hands
-each element, so every transform is a pure function of (example, rng). Resizing follows mmcv (`imrescale`,
-`imresize`), which DAFormer's pipeline calls: OpenCV bilinear for images, nearest for labels.
+each element, so every transform is a pure function of (example, rng). Resizing follows
+mmcv (`imrescale`, `imresize`), which DAFormer's pipeline calls: OpenCV bilinear for images,
+nearest for labels.
 """
 
 from __future__ import annotations
