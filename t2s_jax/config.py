@@ -383,10 +383,19 @@ def expected(config: ml_collections.ConfigDict, key: str) -> str:
 
 
 def check(config: ml_collections.ConfigDict) -> list[str]:
-    """One line per value of `config` that breaks its rule (type or range), naming the key."""
+    """One line per value of `config` that breaks its rule (type or range), naming the key,
+    and one per setting that excludes another."""
     problems = []
     for key, rule in RULES.items():
         value = value_of(config, key)
         if not rule.accepts(value):
             problems.append(f"config.{key}={value!r}: expected {rule.expected}")
+    # HRDA's v2 pseudo-label validity replaces DAFormer's crop rows (HRDA asserts the rows are 0).
+    rows = {key: config.uda[key] for key in ("pseudo_ignore_top", "pseudo_ignore_bottom") if config.uda[key]}
+    if config.data.pseudo_margins and rows:
+        problems.append(
+            f"config.data.pseudo_margins={config.data.pseudo_margins!r} replaces the crop rows of "
+            + " and ".join(f"config.uda.{key}={value!r}" for key, value in rows.items())
+            + "; set those to 0 or config.data.pseudo_margins=()"
+        )
     return problems

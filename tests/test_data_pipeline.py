@@ -311,7 +311,10 @@ def test_the_class_count_is_checked_against_every_dataset_of_the_run(data_dir):
 @pytest.mark.parametrize(
     "hw, max_hw, expected",
     [((1052, 1914), (720, 1280), (704, 1280)), ((1024, 2048), (512, 1024), (512, 1024)),
-     ((760, 1280), (760, 1280), (760, 1280)), ((100, 50), (64, 64), (64, 32))],
+     ((760, 1280), (760, 1280), (760, 1280)), ((100, 50), (64, 64), (64, 32)),
+     # HRDA's high-resolution configs: GTA5 into 1440x2560, SYNTHIA into 1520x2560, Cityscapes kept.
+     ((1052, 1914), (1440, 2560), (1407, 2560)), ((760, 1280), (1520, 2560), (1520, 2560)),
+     ((1024, 2048), (1024, 2048), (1024, 2048))],
 )  # fmt: skip
 def test_fit_size_keeps_the_ratio_with_mmcv_rounding(hw, max_hw, expected):
     assert transforms.fit_size(hw, max_hw) == expected

@@ -40,7 +40,8 @@ def _stream_seed(seed: int, stream: int, use: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _TrainTransform:
-    """Index (ignored under RCS) + rng -> {'image': (h, w, 3), 'label': (h, w)} crop."""
+    """Index (ignored under RCS) + rng -> {'image': (h, w, 3), 'label': (h, w)} crop, and
+    'valid': (h, w) uint8 with `pseudo_margins` (HRDA's v2 pseudo-label validity)."""
 
     split: Split
     resize_hw: tuple[int, int]
@@ -50,6 +51,7 @@ class _TrainTransform:
     flip_prob: float
     rare_classes: RareClassSampler | None = None
     min_crop_pixels: int = 0
+    pseudo_margins: tuple[int, ...] = ()  # () = no validity map
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         rare_class = None
@@ -57,9 +59,16 @@ class _TrainTransform:
             rare_class, index = self.rare_classes.draw(rng)
         example = self.split[int(index)]
         image, label = example["image"], example["label"][..., 0]
-        hw = transforms.fit_size(label.shape, self.resize_hw)
+        stored_hw = label.shape
+        hw = transforms.fit_size(stored_hw, self.resize_hw)
         image, label = transforms.resize_image(image, hw), transforms.resize_label(label, hw)
         image, label = transforms.pad_to(image, label, self.crop_hw)
+        maps = (image, label)
+        if self.pseudo_margins:
+            # Built at the stored size, then carried exactly as the label (HRDA carries it as a
+            # segmentation field): nearest resize, padding (with 0: not valid), crop and flip.
+            valid = transforms.resize_label(transforms.validity_map(stored_hw, self.pseudo_margins), hw)
+            maps += (transforms.pad_map(valid, self.crop_hw, 0),)
         if rare_class is None:
             offset = transforms.cat_max_ratio_offset(
                 rng, label, self.crop_hw, self.cat_max_ratio, self.retries
@@ -68,8 +77,8 @@ class _TrainTransform:
             offset = transforms.rare_class_offset(
                 rng, label, self.crop_hw, rare_class, self.min_crop_pixels, self.cat_max_ratio, self.retries
             )
-        image, label = transforms.crop_and_flip(rng, image, label, offset, self.crop_hw, self.flip_prob)
-        return {"image": image, "label": label}
+        crops = transforms.crop_and_flip(rng, maps, offset, self.crop_hw, self.flip_prob)
+        return dict(zip(("image", "label", "valid"), crops))
 
 
 def _domain_dataset(transform: _TrainTransform, *, seed: int, stream: int) -> grain.MapDataset:
@@ -109,7 +118,9 @@ def make_train_dataset(
     data_config: ml_collections.ConfigDict, *, seed: int, process_index: int, process_count: int
 ) -> grain.IterDataset:
     """Batches of this process: source_image (b, h, w, 3) uint8, source_label (b, h, w)
-    uint8 and, with a target, target_image / target_label; b = batch_size // process_count.
+    uint8 and, with a target, target_image / target_label, plus target_valid (b, h, w) uint8
+    (1 = the pseudo-label may count) when data_config.pseudo_margins is set; b = batch_size //
+    process_count.
     Batch k of process p is rows [p*b, (p+1)*b) of global batch k, which does not depend
     on process_count."""
     batch = _per_process(data_config.batch_size, process_count, "batch_size")
@@ -141,6 +152,7 @@ def make_train_dataset(
             cat_max_ratio=1.0,  # method.md: only source crops are redrawn
             retries=data_config.crop_retries,
             flip_prob=data_config.flip_prob,
+            pseudo_margins=tuple(data_config.pseudo_margins),
         )
         domains["target"] = _domain_dataset(transform, seed=seed, stream=1)
     paired = grain.experimental.ZipMapDataset(list(domains.values())).map(_NameDomains(tuple(domains)))

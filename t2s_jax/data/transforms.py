@@ -1,9 +1,10 @@
 """Host-side transforms of one example (method.md section 2), NumPy and OpenCV.
 
-Images are (H, W, 3) uint8, labels (H, W) uint8 train ids with 255 = ignore. Random
-choices come from the `np.random.Generator` grain hands each element, so every
-transform is a pure function of (example, rng). Resizing follows mmcv (`imrescale`,
-`imresize`), which DAFormer's pipeline calls: OpenCV bilinear for images, nearest for labels.
+Images are (H, W, 3) uint8, labels (H, W) uint8 train ids with 255 = ignore, validity maps
+(H, W) uint8 with 1 = valid. Random choices come from the `np.random.Generator` grain hands
+each element, so every transform is a pure function of (example, rng). Resizing follows
+mmcv (`imrescale`, `imresize`), which DAFormer's pipeline calls: OpenCV bilinear for images,
+nearest for labels.
 """
 
 from __future__ import annotations
@@ -40,14 +41,32 @@ def resize_label(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return resize_nearest(label, hw)
 
 
+def pad_map(array: np.ndarray, min_hw: tuple[int, int], value: int) -> np.ndarray:
+    """Pads bottom/right up to `min_hw` with `value` (mmcv's `impad` as mmseg's Pad calls it)."""
+    pad_h, pad_w = max(min_hw[0] - array.shape[0], 0), max(min_hw[1] - array.shape[1], 0)
+    if pad_h == 0 and pad_w == 0:
+        return array
+    return np.pad(array, ((0, pad_h), (0, pad_w)) + ((0, 0),) * (array.ndim - 2), constant_values=value)
+
+
 def pad_to(image: np.ndarray, label: np.ndarray, min_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Pads bottom/right up to `min_hw`: image with 0, label with ignore (as mmseg's Pad)."""
-    pad_h, pad_w = max(min_hw[0] - label.shape[0], 0), max(min_hw[1] - label.shape[1], 0)
-    if pad_h == 0 and pad_w == 0:
-        return image, label
-    image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
-    label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
-    return image, label
+    return pad_map(image, min_hw, 0), pad_map(label, min_hw, IGNORE_INDEX)
+
+
+def validity_map(hw: tuple[int, int], margins: tuple[int, int, int, int]) -> np.ndarray:
+    """HRDA's pseudo-label validity (v2) of a stored target image of size `hw`: (h, w) uint8,
+    0 on the rows and columns within `margins` = (top, bottom, left, right) pixels of its
+    borders, 1 inside. The pipeline carries it as the label is carried (resize, crop, flip)."""
+    (h, w), (top, bottom, left, right) = hw, margins
+    if top + bottom >= h or left + right >= w:
+        raise ValueError(
+            f"config.data.pseudo_margins={tuple(margins)} (top, bottom, left, right) leave no valid pixel "
+            f"of a {h}x{w} target image: top + bottom must be below its height, left + right below its width"
+        )
+    valid = np.zeros((h, w), np.uint8)
+    valid[top : h - bottom, left : w - right] = 1
+    return valid
 
 
 def random_offset(rng: np.random.Generator, hw: tuple[int, int], crop_hw: tuple[int, int]) -> tuple[int, int]:
@@ -105,13 +124,14 @@ def rare_class_offset(
 
 def crop_and_flip(
     rng: np.random.Generator,
-    image: np.ndarray,
-    label: np.ndarray,
+    maps: tuple[np.ndarray, ...],
     offset: tuple[int, int],
     crop_hw: tuple[int, int],
     flip_prob: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    image, label = _crop(image, offset, crop_hw), _crop(label, offset, crop_hw)
+) -> tuple[np.ndarray, ...]:
+    """The same `crop_hw` window at `offset` of every (H, W, ...) map of one example (image,
+    label, validity), all flipped horizontally together with probability `flip_prob`."""
+    maps = tuple(_crop(array, offset, crop_hw) for array in maps)
     if rng.random() < flip_prob:
-        image, label = image[:, ::-1], label[:, ::-1]
-    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+        maps = tuple(array[:, ::-1] for array in maps)
+    return tuple(np.ascontiguousarray(array) for array in maps)
