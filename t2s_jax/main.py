@@ -279,6 +279,8 @@ def run(
         _fail(str(error), 1, at_once=True)
     except control.RunError as error:
         _fail(str(error), error.exit_code)
+    except schema.ConfigError as error:  # a setting the data contradicts (read only now)
+        _fail(str(error), _USAGE_ERROR)
     except (checkpointing.CheckpointError, workdir_lock.WorkdirBusyError, data.DamagedDataError,
             weights.WeightsError) as error:  # fmt: skip
         _fail(str(error), 1)

@@ -14,6 +14,7 @@ import numpy as np
 
 from data_pipelines.convert import resize_nearest
 from t2s_jax.classes import IGNORE_INDEX
+from t2s_jax.config import ConfigError
 
 
 def fit_size(hw: tuple[int, int], max_hw: tuple[int, int]) -> tuple[int, int]:
@@ -60,7 +61,7 @@ def validity_map(hw: tuple[int, int], margins: tuple[int, int, int, int]) -> np.
     borders, 1 inside. The pipeline carries it as the label is carried (resize, crop, flip)."""
     (h, w), (top, bottom, left, right) = hw, margins
     if top + bottom >= h or left + right >= w:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.pseudo_margins={tuple(margins)} (top, bottom, left, right) leave no valid pixel "
             f"of a {h}x{w} target image: top + bottom must be below its height, left + right below its width"
         )

@@ -9,14 +9,13 @@ HRDA's multi-resolution training and inference. A new host is a new module here.
 import ml_collections
 
 from t2s_jax.hosts.base import Host, SingleScaleHost
-# from t2s_jax.hosts.hrda import HRDAHost, HRDAOutput  # TEMP until models.hrda merges
+from t2s_jax.hosts.hrda import HRDAHost, HRDAOutput
 
 
 def build_host(config: ml_collections.ConfigDict) -> Host:
     """The host of a run config: HRDA when `config.model.hrda.enabled`, else single-scale."""
-    if config.model.hrda.enabled:
-        raise NotImplementedError  # TEMP
-    return SingleScaleHost()
+    single_scale = SingleScaleHost()
+    return HRDAHost(config, single_scale) if config.model.hrda.enabled else single_scale
 
 
 __all__ = ["HRDAHost", "HRDAOutput", "Host", "SingleScaleHost", "build_host"]

@@ -8,6 +8,7 @@ host holds no state; the model (an `nnx` module merged from the train state) is 
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 
 import jax
@@ -27,7 +28,7 @@ def unstack_outputs(output: SegmentorOutput, names: list[str]) -> dict[str, Segm
     }
 
 
-class Host:
+class Host(abc.ABC):
     """The interface. Images are float32 RGB 0..255 NHWC; every method is traced inside the step.
 
     Passes (student) and views (teacher) are batches of equal shape; each is normalised with
@@ -39,6 +40,7 @@ class Host:
         frozen ImageNet model."""
         return build_segmentor(model_config, rngs=rngs)
 
+    @abc.abstractmethod
     def student_forward(
         self,
         model: Segmentor,
@@ -50,34 +52,35 @@ class Host:
     ) -> dict[str, SegmentorOutput]:
         """Training-mode outputs per pass (dropout on, batch statistics, running statistics
         updated in `model`); `crop_key` draws whatever random crops the host takes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def teacher_forward(
         self, model: Segmentor, views: Mapping[str, jax.Array], *, with_projection: bool
     ) -> dict[str, SegmentorOutput]:
         """Mean-teacher outputs per view: dropout off, BatchNorm on the views' own statistics.
         Their `logits` are what pseudo-labels are taken from."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def segmentation_loss(
         self, output: SegmentorOutput, labels: jax.Array, weights: jax.Array | None = None
     ) -> jax.Array:
         """The supervised loss of one student pass against (B, H, W) labels and pixel weights."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def imagenet_features(self, imagenet_model: Segmentor, images: jax.Array) -> jax.Array:
         """The frozen ImageNet encoder's last-stage features of `images`, on the grid of the
         student's `encoder_features[-1]` (the feature distance compares the two)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def eval_logits(self, model: Segmentor, images: jax.Array) -> jax.Array:
         """Stride-4 logits of normalised images (one evaluation window), model in eval mode."""
-        raise NotImplementedError
 
 
 class SingleScaleHost(Host):
     """One segmentor forward per image (DAFormer and every single-scale host): all passes of a
     step stacked into one batch (`stack_passes`), one BatchNorm group each."""
+
+    output_stride = 4  # input pixels per logit (MiT + DAFormer head)
 
     def _forward(self, model: Segmentor, passes: Mapping[str, jax.Array], **kwargs) -> dict[str, SegmentorOutput]:
         names = list(passes)

@@ -25,7 +25,7 @@ import jax
 import ml_collections
 
 from t2s_jax import losses
-from t2s_jax.hosts.base import Host, unstack_outputs
+from t2s_jax.hosts.base import Host, SingleScaleHost, unstack_outputs
 from t2s_jax.models import Segmentor, SegmentorOutput, hrda, stack_passes
 from t2s_jax.uda import normalize
 
@@ -41,9 +41,11 @@ class HRDAOutput(SegmentorOutput):
 
 
 class HRDAHost(Host):
-    """HRDA around the segmentor that `config.model` builds (with `model.hrda.enabled`)."""
+    """HRDA around a single-scale host's segmentor (built with `model.hrda.enabled`: it then
+    carries the scale-attention head)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, *, output_stride: int = 4):
+    def __init__(self, config: ml_collections.ConfigDict, single_scale: SingleScaleHost):
+        self.single_scale = single_scale
         options = config.model.hrda
         self.context_scale = float(options.context_scale)
         self.detail_hw = tuple(options.detail_crop_hw)
@@ -51,7 +53,7 @@ class HRDAHost(Host):
         self.slide_stride_hw = tuple(options.detail_slide_stride_hw)
         self.detail_weight = float(options.detail_loss_weight)
         self.context_weight = float(options.context_loss_weight)
-        self.output_stride = output_stride
+        self.output_stride = single_scale.output_stride
         self._check(config)
 
     def _check(self, config: ml_collections.ConfigDict) -> None:
@@ -76,6 +78,9 @@ class HRDAHost(Host):
                 f"config.model.hrda.crop_divisible={self.divisible} must be a multiple of the output "
                 f"stride {self.output_stride} (the detail logits are pasted on the stride grid)"
             )
+
+    def build_model(self, model_config, *, rngs):
+        return self.single_scale.build_model(model_config, rngs=rngs)
 
     # ------------------------------------------------------------------ student
 
@@ -106,7 +111,7 @@ class HRDAHost(Host):
     def _fused(self, context: SegmentorOutput, detail_logits: jax.Array, box: jax.Array) -> HRDAOutput:
         fused, weighted_context = hrda.fuse_in_box(
             context.logits, context.attention, detail_logits, box,
-            output_stride=self.output_stride, context_scale=self.context_scale,
+            output_stride=self.output_stride, context_scale=self.context_scale, with_weighted_context=True,
         )  # fmt: skip
         return HRDAOutput(
             logits=fused,
