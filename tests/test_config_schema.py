@@ -95,9 +95,12 @@ def test_every_config_and_method_loads_and_passes_the_rules(name, method):
     config = load(name, method)
     assert schema.check(config) == []
     if method:
-        assert config.method == method
+        on_hrda = name.endswith("_hrda.py")
+        assert config.method == (benchmarks.HRDA_PRESETS.get(method, method) if on_hrda else method)
+        assert config.model.hrda.enabled == on_hrda
         assert not config.data.target if method in methods.TARGET_FREE else config.data.target == "cityscapes"
-        for key, value in benchmarks.METHOD_SETTINGS.get(method, {}).items():
+        settings = benchmarks.HRDA_METHOD_SETTINGS if on_hrda else benchmarks.METHOD_SETTINGS
+        for key, value in settings.get(method, {}).items():
             assert schema.value_of(config, key) == value
 
 
@@ -105,6 +108,8 @@ def test_the_benchmarks_offer_every_preset_and_dg_only_the_target_free_ones():
     for name in ("gta_cs_daformer.py", "synthia_cs_daformer.py"):
         assert set(config_module(name).TARGETS) == set(methods.PRESETS), name
     assert set(config_module("gta_dg_daformer.py").TARGETS) == set(methods.TARGET_FREE)
+    for name in ("gta_cs_hrda.py", "synthia_cs_hrda.py"):
+        assert set(config_module(name).TARGETS) == {"hrda", "mic", "t2s", "t2s_mic", "masktwins"}, name
     # The default of each file keeps its meaning.
     assert [load(name, "").method for name in ("gta_cs_daformer.py", "synthia_cs_daformer.py", "gta_dg_daformer.py")] == ["t2s", "t2s", "dg"]
 

@@ -38,7 +38,7 @@ OPTIMIZER = optax.chain(optax.trace(decay=0.0), optax.scale(-1e-3))
 def reference_config(method, **overrides):
     return _config(method, **{
         "model.dropout_rate": 0.0, "model.encoder.drop_path_rate": 0.0, "uda.ema_max_alpha": 0.3,
-        **PRESET_OPTIONS[method], **overrides,
+        **PRESET_OPTIONS.get(method, {}), **overrides,
     })  # fmt: skip
 
 
