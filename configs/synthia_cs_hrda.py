@@ -9,7 +9,7 @@ TARGETS states the number each targets (Cityscapes val mIoU16 / mIoU13, both in 
 from t2s_jax import benchmarks
 
 TARGETS = {
-    "t2s": "67.5 / —",  # T2S-DA w/ HRDA
+    "t2s": "67.5 / 73.8",  # T2S-DA w/ HRDA
     "hrda": "65.8 / 72.4",  # HRDA
     "mic": "67.3 / 74.0",  # MIC(HRDA)
     "t2s_mic": "68.4 / 74.8",  # T2S-DA w/ MIC

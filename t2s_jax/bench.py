@@ -48,7 +48,7 @@ from ml_collections import config_flags
 
 from t2s_jax import methods, parallel
 from t2s_jax.classes import IGNORE_INDEX
-from t2s_jax.models import layers, mit
+from t2s_jax.models import encoders, layers, mit
 from t2s_jax.training import train_state
 
 
@@ -160,9 +160,9 @@ def model_flops(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batc
     unrolled = ml_collections.ConfigDict(config.to_dict())
     unrolled.model.scan_blocks = False
     num_steps = config.train.num_steps
-    graphdef, state, imagenet_params, optimizer = train_state.abstract_train_state(unrolled, num_steps)
+    graphdef, state, imagenet_variables, optimizer = train_state.abstract_train_state(unrolled, num_steps)
     step = train_state.jit_train_step(unrolled, graphdef, optimizer, mesh, num_steps)
-    return _cost_flops(step.lower(state, batch, imagenet_params))
+    return _cost_flops(step.lower(state, batch, imagenet_variables))
 
 
 def _memory(compiled, mesh: jax.sharding.Mesh, *, ran: bool) -> tuple[int, str, dict[str, int]]:
@@ -192,14 +192,14 @@ def _abstract_batch(host_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) 
     }
 
 
-def _time_steps(compiled, state, batch, imagenet_params, *, warmup: int, steps_timed: int):
+def _time_steps(compiled, state, batch, imagenet_variables, *, warmup: int, steps_timed: int):
     """(seconds of each timed step, metrics of the last step)."""
     for _ in range(warmup):
-        state, metrics = compiled(state, batch, imagenet_params)
+        state, metrics = compiled(state, batch, imagenet_variables)
     times = []
     for _ in range(steps_timed):
         step_start = time.perf_counter()
-        state, metrics = compiled(state, batch, imagenet_params)
+        state, metrics = compiled(state, batch, imagenet_variables)
         # One executable: its outputs complete together, so the small metrics stand for the state.
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - step_start)
@@ -226,24 +226,24 @@ def benchmark(
     )  # fmt: skip
     start = time.perf_counter()
     if steps_timed > 0:
-        graphdef, state, imagenet_params, optimizer = train_state.create_train_state(config, mesh, num_steps)
+        graphdef, state, imagenet_variables, optimizer = train_state.create_train_state(config, mesh, num_steps)
         batch = parallel.global_batch(host_batch, mesh)
     else:
-        graphdef, state, imagenet_params, optimizer = train_state.abstract_train_state(config, num_steps)
+        graphdef, state, imagenet_variables, optimizer = train_state.abstract_train_state(config, num_steps)
         batch = _abstract_batch(host_batch, mesh)
     step = train_state.jit_train_step(config, graphdef, optimizer, mesh, num_steps)
     compile_start = time.perf_counter()
-    lowered = step.lower(state, batch, imagenet_params)
+    lowered = step.lower(state, batch, imagenet_variables)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - compile_start
 
     nan = float("nan")
     first_step_s, times, final_loss = nan, [nan], nan
     if steps_timed > 0:
-        state, metrics = compiled(state, batch, imagenet_params)
+        state, metrics = compiled(state, batch, imagenet_variables)
         jax.block_until_ready(metrics)
         first_step_s = time.perf_counter() - start
-        times, metrics = _time_steps(compiled, state, batch, imagenet_params, warmup=warmup, steps_timed=steps_timed)
+        times, metrics = _time_steps(compiled, state, batch, imagenet_variables, warmup=warmup, steps_timed=steps_timed)
         final_loss = float(jax.device_get(metrics["loss"]))
     step_s = statistics.median(times)
 
@@ -339,13 +339,12 @@ def _import_torch_reference():
 
 def describe_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     """What the figures depend on besides method and dtype."""
-    encoder = config.model.encoder
     return {
         "device": f"{mesh.devices.size} x {mesh.devices.flat[0].device_kind}",
         "backend": jax.default_backend(),
         "jax": jax.__version__,
         "processes": jax.process_count(),
-        "encoder": f"MiT dims {tuple(encoder.embed_dims)} depths {tuple(encoder.depths)}",
+        "encoder": encoders.describe(config.model.encoder),
         "head": config.model.head,
         "batch_per_domain": config.data.batch_size,
         "crop_hw": tuple(config.data.crop_hw),

@@ -1,4 +1,4 @@
-"""What the benchmark configs share: the hosts (DAFormer, HRDA), the source datasets, and the
+"""What the benchmark configs share: the hosts (DAFormer, HRDA, DeepLab-V2), the source datasets, and the
 method given as the config file's argument (`--config=configs/gta_cs_daformer.py:mic`).
 
 A config file names its source dataset and the methods it states a target number for; the
@@ -13,9 +13,11 @@ from typing import Any
 import ml_collections
 
 from t2s_jax import methods
-from t2s_jax.config import ConfigError, default_config, mit_config
+from t2s_jax.config import ConfigError, default_config, mit_config, resnet_config
 
 MIT_B5_WEIGHTS = "weights/mit_b5.pth"  # SegFormer's ImageNet release, mmseg key layout
+# mmcv's ImageNet ResNetV1c-101 (`open-mmlab://resnet101_v1c`, resnet101_v1c-e67eebb6.pth)
+RESNET101_V1C_WEIGHTS = "weights/resnet101_v1c.pth"
 
 # Source datasets: the size each is trained at (fit inside, keeping the aspect ratio).
 SOURCE_RESIZE_HW = {
@@ -36,6 +38,19 @@ def _check_method(method: str, targets: Mapping[str, str]) -> None:
         raise ConfigError(f"unknown method {method!r} for this config; expected one of {', '.join(targets)}")
 
 
+def _with_method(
+    config: ml_collections.ConfigDict,
+    method: str,
+    presets: Mapping[str, str],
+    settings: Mapping[str, Mapping[str, Any]],
+) -> ml_collections.ConfigDict:
+    """`config` with the preset `method` names on this host and the settings it needs beyond it."""
+    config = methods.with_method(config, presets.get(method, method))
+    if method in settings:
+        config.update_from_flattened_dict(settings[method])
+    return config
+
+
 def daformer_host(source: str, method: str, targets: Mapping[str, str]) -> ml_collections.ConfigDict:
     """MiT-B5 + DAFormer head at 512^2 crops (the schema's defaults) trained on `source` ->
     Cityscapes with `method`, one of `targets` (the methods the config states a number for)."""
@@ -44,10 +59,28 @@ def daformer_host(source: str, method: str, targets: Mapping[str, str]) -> ml_co
     config.model.pretrained = MIT_B5_WEIGHTS
     config.data.source = source
     config.data.source_resize_hw = SOURCE_RESIZE_HW[source]
-    config = methods.with_method(config, method)
-    if method in METHOD_SETTINGS:
-        config.update_from_flattened_dict(METHOD_SETTINGS[method])
-    return config
+    return _with_method(config, method, {}, METHOD_SETTINGS)
+
+
+# On DeepLab-V2, T2S-DA is run with either pulling loss (the paper's Table 4): `t2s` is InfoNCE.
+DEEPLAB_PRESETS = {"t2s_mse": "t2s"}
+DEEPLAB_METHOD_SETTINGS: dict[str, dict[str, Any]] = {"t2s_mse": {"pull.loss": "mse"}}
+
+
+def deeplab_host(source: str, method: str, targets: Mapping[str, str]) -> ml_collections.ConfigDict:
+    """DeepLab-V2 as DAFormer runs it: ResNetV1c-101 (deep stem, output stride 8) with the
+    two-rate `dlv2red` head on the last stage, 512^2 crops, the DAFormer host's data, optimiser
+    and schedule (BatchNorm parameters are decayed: the norm exemption is MiT's), feature
+    distance on stage 4 (8-px cells); `method` one of `targets`."""
+    _check_method(method, targets)
+    config = default_config()
+    config.model.encoder = resnet_config(101)
+    config.model.head = "deeplabv2"
+    config.model.aspp_dilations = (6, 12)
+    config.model.pretrained = RESNET101_V1C_WEIGHTS
+    config.data.source = source
+    config.data.source_resize_hw = SOURCE_RESIZE_HW[source]
+    return _with_method(config, method, DEEPLAB_PRESETS, DEEPLAB_METHOD_SETTINGS)
 
 
 # HRDA trains at high resolution: sources fit into these sizes (GTA5 -> 2560x1407), Cityscapes
@@ -83,10 +116,7 @@ def hrda_host(source: str, method: str, targets: Mapping[str, str]) -> ml_collec
     config.eval.mode = "slide"
     config.eval.slide_crop_hw = (1024, 1024)
     config.eval.slide_stride_hw = (512, 512)
-    config = methods.with_method(config, HRDA_PRESETS.get(method, method))
-    if method in HRDA_METHOD_SETTINGS:
-        config.update_from_flattened_dict(HRDA_METHOD_SETTINGS[method])
-    return config
+    return _with_method(config, method, HRDA_PRESETS, HRDA_METHOD_SETTINGS)
 
 
 def synthetic_demo() -> ml_collections.ConfigDict:

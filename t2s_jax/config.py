@@ -35,6 +35,7 @@ def mit_config(variant: str = "b5", **overrides) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown MiT variant {variant!r}; expected one of {sorted(MIT_VARIANTS)}")
     encoder = ml_collections.ConfigDict(
         dict(
+            type="mit",
             embed_dims=MIT_VARIANTS[variant]["embed_dims"],
             depths=MIT_VARIANTS[variant]["depths"],
             num_heads=(1, 2, 5, 8),
@@ -45,9 +46,38 @@ def mit_config(variant: str = "b5", **overrides) -> ml_collections.ConfigDict:
             block_norm_eps=1e-6,  # pre-norm of blocks and stage-end norm (mmseg); the HF port uses 1e-5
         )
     )
+    return _overridden(encoder, overrides, "MiT")
+
+
+# ResNet bottleneck blocks per stage (He et al.), docs/hosts.md.
+RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+def resnet_config(depth: int = 101, **overrides) -> ml_collections.ConfigDict:
+    """Encoder settings of ResNet-`depth` as DAFormer's DeepLab-V2 uses it (mmcv ResNetV1c: the
+    deep stem, output stride 8 by dilating stages 3 and 4); `overrides` shrink it for tests."""
+    if depth not in RESNET_DEPTHS:
+        raise ValueError(f"unknown ResNet depth {depth!r}; expected one of {sorted(RESNET_DEPTHS)}")
+    encoder = ml_collections.ConfigDict(
+        dict(
+            type="resnet",
+            depths=RESNET_DEPTHS[depth],
+            base_widths=(64, 128, 256, 512),  # bottleneck widths; stage outputs are 4x these
+            # 'deep': three 3x3 convs (mmcv ResNetV1c, resnet101_v1c weights); '7x7': torchvision's stem
+            stem="deep",
+            stem_channels=64,
+            strides=(1, 2, 1, 1),
+            dilations=(1, 1, 2, 4),
+            contract_dilation=True,  # the first block of a dilated stage uses half the dilation
+        )
+    )
+    return _overridden(encoder, overrides, "ResNet")
+
+
+def _overridden(encoder: ml_collections.ConfigDict, overrides: dict, name: str) -> ml_collections.ConfigDict:
     for key, value in overrides.items():
-        if key not in encoder:
-            raise KeyError(f"unknown MiT encoder setting {key!r}; valid: {sorted(encoder)}")
+        if key not in encoder or key == "type":
+            raise KeyError(f"unknown {name} encoder setting {key!r}; valid: {sorted(set(encoder) - {'type'})}")
         encoder[key] = value
     return encoder
 
@@ -76,9 +106,13 @@ def default_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- model
     model = config.model = ml_collections.ConfigDict()
     model.encoder = mit_config("b5")
-    model.head = "daformer"  # 'daformer' (separable-ASPP fusion) | 'segformer' (all-MLP)
+    # 'daformer' (separable-ASPP fusion) | 'segformer' (all-MLP) | 'deeplabv2' (dilated 3x3
+    # convs on the last stage, summed: DeepLab-V2)
+    model.head = "daformer"
     model.head_channels = 256  # DAFormer embedding/fusion width; SegFormer-B5 uses 768
-    model.aspp_dilations = (6, 12, 18)  # DAFormer depthwise-separable ASPP branches
+    # DAFormer: its depthwise-separable ASPP branches; DeepLab-V2: (6, 12) is DAFormer's
+    # `dlv2red`, (6, 12, 18, 24) the original four-rate head.
+    model.aspp_dilations = (6, 12, 18)
     model.dropout_rate = 0.1  # channel dropout before the classifier
     model.num_classes = 19
     model.bn_momentum = 0.9  # Flax convention (PyTorch momentum 0.1)
@@ -116,9 +150,19 @@ def default_config() -> ml_collections.ConfigDict:
     # 'dots_no_batch' keeps the Linear outputs: the B5 T2S-DA step fits 20 GiB for +3 % FLOPs
     # (docs/performance.md).
     model.remat = "dots_no_batch"
+    # The same for the decode head, the projector and HRDA's attention head, each as one unit:
+    # their stride-4 activations of every student image are most of what the step keeps at
+    # high resolution. 'full' is the setting that brings HRDA + MIC + T2S-DA at 1024^2 down
+    # furthest (docs/performance.md).
+    model.head_remat = "none"
+    # Run those heads pass by pass (each pass has its own BatchNorm statistics anyway; only the
+    # channel-dropout draws differ), so the backward pass holds one pass's head activations at
+    # a time, not those of every pass of the step.
+    model.head_per_pass = False
     # jax.nn.dot_product_attention implementation: '' (let XLA choose) | 'xla' | 'cudnn'
     model.attention_impl = ""
-    # MiT ImageNet weights for the encoder: a mmseg `.pth` or a Hugging Face directory; '' = random init.
+    # ImageNet weights for the encoder, '' = random init. MiT: a mmseg `.pth` or a Hugging Face
+    # directory; ResNet: a mmcv (resnet101_v1c) or torchvision `.pth`.
     model.pretrained = ""
 
     # ---------------------------------------------------------------- data
@@ -267,12 +311,37 @@ NAMES = Rule(
 
 # The values the model and evaluation accept (tests/test_config_schema.py ties each to the
 # code that implements it).
-HEADS = ("daformer", "segformer")
+HEADS = ("daformer", "segformer", "deeplabv2")
+ENCODER_TYPES = ("mit", "resnet")
+RESNET_STEMS = ("deep", "7x7")
 PROJECTOR_INPUTS = ("decoder", "encoder")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("", "xla", "cudnn")
 EVAL_MODES = ("whole", "slide")
+
+# The keys of `model.encoder` beyond its `type`, per type.
+ENCODER_RULES: dict[str, dict[str, Rule]] = {
+    "mit": {
+        "embed_dims": STAGES,
+        "depths": integers(4, 1, "(3, 6, 40, 3) (one per MiT stage)"),
+        "num_heads": integers(4, 1, "(1, 2, 5, 8) (one per MiT stage)"),
+        "sr_ratios": integers(4, 1, "(8, 4, 2, 1) (one per MiT stage)"),
+        "mlp_ratio": POSITIVE,
+        "drop_path_rate": number(0, 1, open_high=True),
+        "embed_norm_eps": number(0, open_low=True),
+        "block_norm_eps": number(0, open_low=True),
+    },
+    "resnet": {
+        "depths": integers(4, 1, "(3, 4, 23, 3) (one per ResNet stage)"),
+        "base_widths": integers(4, 1, "(64, 128, 256, 512) (one per ResNet stage)"),
+        "stem": one_of(*RESNET_STEMS),
+        "stem_channels": Rule("an even integer >= 2, e.g. 64", lambda v: _is_int(v) and v >= 2 and v % 2 == 0),
+        "strides": integers(4, 1, "(1, 2, 1, 1) (one per ResNet stage)"),
+        "dilations": integers(4, 1, "(1, 1, 2, 4) (one per ResNet stage)"),
+        "contract_dilation": BOOL,
+    },
+}
 
 # Every key outside the loss terms' sections (uda, mic, masktwins, pull: each term checks its
 # own options when it is built), checked by `check` before anything is built.
@@ -283,14 +352,7 @@ RULES: dict[str, Rule] = {
     "num_devices": NON_NEGATIVE,
     "compare_methods": NAMES,
     "compare_seeds": integers(None, 0, "(0, 1, 2)"),
-    "model.encoder.embed_dims": STAGES,
-    "model.encoder.depths": integers(4, 1, "(3, 6, 40, 3) (one per MiT stage)"),
-    "model.encoder.num_heads": integers(4, 1, "(1, 2, 5, 8) (one per MiT stage)"),
-    "model.encoder.sr_ratios": integers(4, 1, "(8, 4, 2, 1) (one per MiT stage)"),
-    "model.encoder.mlp_ratio": POSITIVE,
-    "model.encoder.drop_path_rate": number(0, 1, open_high=True),
-    "model.encoder.embed_norm_eps": number(0, open_low=True),
-    "model.encoder.block_norm_eps": number(0, open_low=True),
+    "model.encoder.type": one_of(*ENCODER_TYPES),
     "model.head": one_of(*HEADS),
     "model.head_channels": POSITIVE,
     "model.aspp_dilations": integers(None, 1, "(6, 12, 18)"),
@@ -314,6 +376,8 @@ RULES: dict[str, Rule] = {
     "model.dtype": one_of(*DTYPES),
     "model.scan_blocks": BOOL,
     "model.remat": one_of(*REMAT),
+    "model.head_remat": one_of(*REMAT),
+    "model.head_per_pass": BOOL,
     "model.attention_impl": one_of(*ATTENTION_IMPLS),
     "model.pretrained": TEXT,
     "data.data_dir": NAME,
@@ -370,10 +434,17 @@ def value_of(config: ml_collections.ConfigDict, key: str) -> Any:
     return config
 
 
+def rules_for(config: ml_collections.ConfigDict) -> dict[str, Rule]:
+    """`RULES` and the rules of the keys of `config`'s encoder type."""
+    encoder_rules = ENCODER_RULES.get(config.model.encoder.get("type"), {})
+    return {**RULES, **{f"model.encoder.{key}": rule for key, rule in encoder_rules.items()}}
+
+
 def expected(config: ml_collections.ConfigDict, key: str) -> str:
     """What `config.<key>` may be: its rule's words, else its current value's type."""
-    if key in RULES:
-        return RULES[key].expected
+    rules = rules_for(config)
+    if key in rules:
+        return rules[key].expected
     value = value_of(config, key)
     kinds = ((bool, BOOL.expected), (int, "an integer"), (float, "a number"), (str, "text"), (tuple, "a tuple"))
     for kind, words in kinds:
@@ -386,7 +457,7 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
     """One line per value of `config` that breaks its rule (type or range), naming the key,
     and one per setting that excludes another."""
     problems = []
-    for key, rule in RULES.items():
+    for key, rule in rules_for(config).items():
         value = value_of(config, key)
         if not rule.accepts(value):
             problems.append(f"config.{key}={value!r}: expected {rule.expected}")

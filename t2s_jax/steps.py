@@ -1,6 +1,6 @@
 """The pure train step: shared teacher work, then the loss terms of the run's method.
 
-`(state, batch, imagenet_params) -> (state, metrics)`, jitted once by the caller over the
+`(state, batch, imagenet_variables) -> (state, metrics)`, jitted once by the caller over the
 device mesh. A method is a list of terms (`t2s_jax/methods.py`, `t2s_jax/uda/term.py`):
 
     EMA update, each term's own state update -> each term's batch transform
@@ -170,7 +170,7 @@ def make_train_step(
         )  # fmt: skip
         return jax.tree.map(jax.lax.stop_gradient, outputs), new_stats
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array], imagenet_params: nnx.State):
+    def train_step(state: TrainState, batch: dict[str, jax.Array], imagenet_variables: tuple[nnx.State, nnx.State]):
         keys = _term_keys(state.rng, state.step, terms)
         teacher_params = ema.update_teacher(state.teacher_params, state.params, state.step, uda.ema_max_alpha)
         term_states = {
@@ -208,7 +208,7 @@ def make_train_step(
                 metrics["pseudo_label_accuracy"] = _pseudo_label_accuracy(pseudo.label, batch["target_label"])
 
         def imagenet_features(images_0_255):
-            model = nnx.merge(graphdef, imagenet_params, state.batch_stats)
+            model = nnx.merge(graphdef, *imagenet_variables)
             return jax.lax.stop_gradient(host.imagenet_features(model, images_0_255))
 
         def view_forward(params, images_0_255):

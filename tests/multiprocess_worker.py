@@ -72,7 +72,7 @@ def main() -> None:
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     config = tiny.tiny_config(args.data_dir, "t2s", **OVERRIDES)
     mesh = parallel.make_mesh()
-    graphdef, state, imagenet_params, optimizer = train_state.create_train_state(config, mesh, NUM_STEPS)
+    graphdef, state, imagenet_variables, optimizer = train_state.create_train_state(config, mesh, NUM_STEPS)
     step_fn = train_state.jit_train_step(config, graphdef, optimizer, mesh, NUM_STEPS)
 
     initial_params = parallel.to_host(state.params)
@@ -87,7 +87,7 @@ def main() -> None:
         batches.append(parallel.to_host(batch))  # the assembled global batch, whole on every process
         if step == 0:  # the first collective of the steps: here an early process waits for a late one
             first_gather_s = time.perf_counter() - gather_start
-        state, metrics = step_fn(state, batch, imagenet_params)
+        state, metrics = step_fn(state, batch, imagenet_variables)
         losses.append({key: float(value) for key, value in parallel.to_host(metrics).items()})
 
     checkpointer = checkpointing.RunCheckpointer(args.workdir)

@@ -27,7 +27,7 @@ def _run_model(graphdef, params, batch_stats, images, **forward):
     return output, nnx.state(model, nnx.BatchStat)
 
 
-def reference_step(config: ml_collections.ConfigDict, graphdef, terms, state, batch, imagenet_params):
+def reference_step(config: ml_collections.ConfigDict, graphdef, terms, state, batch, imagenet_variables):
     """What one step computes: {"metrics", "grads", "batch_stats", "teacher_params",
     "teacher_batch_stats", "term_states"}."""
     if config.model.dropout_rate or config.model.encoder.drop_path_rate:
@@ -73,7 +73,7 @@ def reference_step(config: ml_collections.ConfigDict, graphdef, terms, state, ba
             )
 
     def imagenet_features(images_0_255):
-        model = nnx.merge(graphdef, imagenet_params, state.batch_stats)
+        model = nnx.merge(graphdef, *imagenet_variables)
         return jax.lax.stop_gradient(model.encoder(normalize.normalize(images_0_255))[-1])
 
     def own_teacher(params, images_0_255):

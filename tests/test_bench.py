@@ -137,9 +137,9 @@ def test_model_flops_count_every_scanned_block(tmp_path):
 
     def lowered(scan: bool):
         config.model.scan_blocks = scan
-        graphdef, state, imagenet_params, optimizer = train_state.abstract_train_state(config, 10)
+        graphdef, state, imagenet_variables, optimizer = train_state.abstract_train_state(config, 10)
         step = train_state.jit_train_step(config, graphdef, optimizer, mesh, 10)
-        return step.lower(state, batch, imagenet_params)
+        return step.lower(state, batch, imagenet_variables)
 
     unrolled = bench._cost_flops(lowered(False))
     scanned = lowered(True)
@@ -191,9 +191,9 @@ def test_default_mit_b5_t2s_step_fits_20_gib():
     mesh = parallel.make_mesh(1)
     batch = bench._abstract_batch(bench.synthetic_host_batch(config.data, 19), mesh)
     num_steps = config.train.num_steps
-    graphdef, state, imagenet_params, optimizer = train_state.abstract_train_state(config, num_steps)
+    graphdef, state, imagenet_variables, optimizer = train_state.abstract_train_state(config, num_steps)
     step = train_state.jit_train_step(config, graphdef, optimizer, mesh, num_steps)
-    compiled = step.lower(state, batch, imagenet_params).compile()
+    compiled = step.lower(state, batch, imagenet_variables).compile()
     footprint, _, figures = bench._memory(compiled, mesh, ran=False)
     print({name: f"{value / 2**30:.2f} GiB" for name, value in figures.items()})
     assert figures["alias"] > 1.2 * 2**30  # the donated state (1.29 GiB) is updated in place

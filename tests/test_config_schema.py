@@ -12,7 +12,9 @@ import sys
 import pytest
 
 from t2s_jax import benchmarks, config as schema, evaluate, main, methods
-from t2s_jax.models import layers, mit
+from flax import nnx
+
+from t2s_jax.models import build_segmentor, encoders, layers, mit
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
@@ -50,14 +52,31 @@ def _leaves(config, prefix=""):
 
 
 def test_every_key_outside_the_terms_sections_has_a_rule():
-    keys = {key for key in _leaves(schema.default_config()) if key.split(".")[0] not in TERM_SECTIONS}
-    assert keys == set(schema.RULES)
+    config = schema.default_config()
+    keys = {key for key in _leaves(config) if key.split(".")[0] not in TERM_SECTIONS}
+    assert keys == set(schema.rules_for(config))
+    config.model.encoder = schema.resnet_config(50)
+    keys = {key for key in _leaves(config) if key.split(".")[0] not in TERM_SECTIONS}
+    assert keys == set(schema.rules_for(config))
+    assert set(schema.ENCODER_RULES) == set(schema.ENCODER_TYPES)
 
 
 def test_the_choices_of_the_rules_are_the_codes():
     """Each enum of the schema is what the code that reads it accepts, and nothing more."""
     assert set(schema.DTYPES) == set(layers.DTYPES)
     assert set(schema.REMAT) == set(layers.REMAT_POLICIES)
+    assert set(schema.ENCODER_TYPES) == set(encoders._BUILDERS)  # noqa: SLF001
+    for stem in schema.RESNET_STEMS:
+        assert resnet_model(stem).embed_dims == (256, 512, 1024, 2048)
+    with pytest.raises(ValueError, match="config.model.encoder.stem"):
+        resnet_model("3x3")
+    for head in schema.HEADS:
+        model_config = schema.default_config().model
+        model_config.head = head
+        assert nnx.eval_shape(lambda: build_segmentor(model_config, rngs=nnx.Rngs(0))).head is not None
+    model_config.head = "upernet"
+    with pytest.raises(ValueError, match="unknown head"):
+        build_segmentor(model_config, rngs=nnx.Rngs(0))
     for name in schema.ATTENTION_IMPLS:
         mit.attention_implementation(name)
     with pytest.raises(ValueError):
@@ -70,6 +89,12 @@ def test_the_choices_of_the_rules_are_the_codes():
         assert logits.shape == (1, 16, 16, 2)
     with pytest.raises(ValueError):
         evaluate.predict_logits(lambda x: x, images, mode="tiled")
+
+
+def resnet_model(stem: str):
+    model_config = schema.default_config().model
+    model_config.encoder = schema.resnet_config(50, stem=stem)
+    return nnx.eval_shape(lambda: encoders.build_encoder(model_config.encoder, model_config, rngs=nnx.Rngs(0)))
 
 
 def test_rules_refuse_wrong_types_and_ranges():
@@ -88,6 +113,14 @@ def test_rules_refuse_wrong_types_and_ranges():
         "config.train.num_steps=0: expected an integer >= 1",
         "config.eval.slide_stride_hw=(341.0, 341): expected a tuple of 2 integers >= 1, e.g. (512, 512) (height, width)",
     ]
+    config = schema.default_config()
+    config.model.encoder = schema.resnet_config(101, stem="deep3x3", stem_channels=3)
+    assert schema.check(config) == [
+        "config.model.encoder.stem='deep3x3': expected one of 'deep', '7x7'",
+        "config.model.encoder.stem_channels=3: expected an even integer >= 2, e.g. 64",
+    ]
+    config.model.encoder.type = "vit"
+    assert schema.check(config) == ["config.model.encoder.type='vit': expected one of 'mit', 'resnet'"]
 
 
 @pytest.mark.parametrize("name,method", benchmark_pairs())
@@ -95,11 +128,16 @@ def test_every_config_and_method_loads_and_passes_the_rules(name, method):
     config = load(name, method)
     assert schema.check(config) == []
     if method:
-        on_hrda = name.endswith("_hrda.py")
-        assert config.method == (benchmarks.HRDA_PRESETS.get(method, method) if on_hrda else method)
-        assert config.model.hrda.enabled == on_hrda
+        host = name[:-3].split("_")[-1]
+        presets, settings = {
+            "hrda": (benchmarks.HRDA_PRESETS, benchmarks.HRDA_METHOD_SETTINGS),
+            "deeplab": (benchmarks.DEEPLAB_PRESETS, benchmarks.DEEPLAB_METHOD_SETTINGS),
+            "daformer": ({}, benchmarks.METHOD_SETTINGS),
+        }[host]
+        assert config.method == presets.get(method, method)
+        assert config.model.hrda.enabled == (host == "hrda")
+        assert (config.model.encoder.type, config.model.head) == (("resnet", "deeplabv2") if host == "deeplab" else ("mit", "daformer"))
         assert not config.data.target if method in methods.TARGET_FREE else config.data.target == "cityscapes"
-        settings = benchmarks.HRDA_METHOD_SETTINGS if on_hrda else benchmarks.METHOD_SETTINGS
         for key, value in settings.get(method, {}).items():
             assert schema.value_of(config, key) == value
 
@@ -110,6 +148,9 @@ def test_the_benchmarks_offer_every_preset_and_dg_only_the_target_free_ones():
     assert set(config_module("gta_dg_daformer.py").TARGETS) == set(methods.TARGET_FREE)
     for name in ("gta_cs_hrda.py", "synthia_cs_hrda.py"):
         assert set(config_module(name).TARGETS) == {"hrda", "mic", "t2s", "t2s_mic", "masktwins"}, name
+    for name in ("gta_cs_deeplab.py", "synthia_cs_deeplab.py"):
+        assert set(config_module(name).TARGETS) == {"source_only", "daformer", "t2s", "t2s_mse", "mic"}, name
+    assert load("gta_cs_deeplab.py", "t2s_mse").pull.loss == "mse" and load("gta_cs_deeplab.py", "t2s").pull.loss == "infonce"
     # The default of each file keeps its meaning.
     assert [load(name, "").method for name in ("gta_cs_daformer.py", "synthia_cs_daformer.py", "gta_dg_daformer.py")] == ["t2s", "t2s", "dg"]
 

@@ -1,7 +1,8 @@
 """Every (config, method) of configs/ trains and evaluates through what `python -m t2s_jax.main`
-runs (`main.run`), on 2 of the 8 fake devices, and each method's run resumes from its
-checkpoint: the code path a user runs, shrunk by overrides (tiny MiT, 64x64 crops, datasets in
-the published layouts, MiT weights in the mmseg key layout)."""
+runs (`main.run`), on 2 of the 8 fake devices (DeepLab-V2: GTA5 on 4, SYNTHIA on 1), and each
+method's run resumes from its checkpoint: the code path a user runs, shrunk by overrides (tiny
+MiT or ResNet, 64x64 crops, datasets in the published layouts, ImageNet weights in the mmseg /
+mmcv key layouts)."""
 
 import json
 import os
@@ -18,6 +19,7 @@ from t2s_jax.training import eval_mode
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dataset_trees  # noqa: E402
+import test_resnet  # noqa: E402
 import test_weights  # noqa: E402
 import tiny  # noqa: E402
 from test_config_schema import benchmark_pairs, load  # noqa: E402
@@ -30,6 +32,7 @@ SAME_AS = {
 }
 
 _ENCODER = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
+_RESNET = dict(depths=(1, 1, 1, 1), base_widths=(8, 16, 32, 64), stem_channels=16)
 
 
 def _tiny_overrides(data_dir: str, pretrained: str) -> dict:
@@ -74,6 +77,11 @@ def prepared(tmp_path_factory):
         num_attention_heads=list(_ENCODER["num_heads"]), sr_ratios=[8, 4, 2, 1],
     )  # fmt: skip
     torch.save(test_weights.mmseg_layout(test_weights.save_hf(SegformerModel(hf_config), root / "hf")), root / "mit.pth")
+    torch.manual_seed(0)
+    resnet = test_resnet.TorchResNet(
+        _RESNET["depths"], _RESNET["base_widths"], stem_channels=_RESNET["stem_channels"], deep_stem=True
+    )  # fmt: skip
+    test_resnet.save_state_dict(resnet, root / "resnet_v1c.pth")  # mmcv's ResNetV1c layout
     return root
 
 
@@ -102,6 +110,12 @@ def test_config_trains_evaluates_and_resumes(config_name, method, prepared, tmp_
                           "data.target_resize_hw": (128, 256)})
     if "hrda" in config_name:
         overrides.update(_HRDA_OVERRIDES)
+    if "deeplab" in config_name:
+        on_4 = config_name.startswith("gta")  # each method on 4 devices (GTA5) and on 1 (SYNTHIA)
+        overrides = {key: value for key, value in overrides.items() if not key.startswith("model.encoder.")}
+        overrides.update({f"model.encoder.{key}": value for key, value in _RESNET.items()})
+        overrides.update({"model.pretrained": str(prepared / "resnet_v1c.pth"), "num_devices": 4 if on_4 else 1,
+                          "data.batch_size": 4 if on_4 else 2})
     # On HRDA the train state differs from the DAFormer host's only by the attention head:
     # one method with every term (t2s_mic) resumes there.
     resumes = config_name == "gta_cs_daformer.py" or (config_name, method) == ("gta_cs_hrda.py", "t2s_mic")

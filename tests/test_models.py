@@ -211,42 +211,57 @@ def test_scanned_blocks_equal_unrolled_blocks():
         assert rel_err(b.logits, a.logits) < 1e-5
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_no_batch"])
-def test_remat_gives_same_gradients_in_the_training_step_pattern(remat):
-    """The step code's pattern: split, merge inside the differentiated function, return the new
-    BatchNorm statistics as aux. (`copy=True`: Variables rebuilt from jax.grad's arguments
-    belong to another trace and refuse the BatchNorm update otherwise.)"""
+@pytest.mark.parametrize(
+    ("remat", "head_remat", "head_per_pass"),
+    [("full", "none", False), ("dots_no_batch", "none", False), ("none", "full", False), ("none", "full", True)],
+)
+def test_remat_gives_same_gradients_in_the_training_step_pattern(remat, head_remat, head_per_pass):
+    """Encoder blocks (`remat`) or the head and projector (`head_remat`, pass by pass with
+    `head_per_pass`) recomputed: the same loss, gradients and BatchNorm statistics (no channel
+    dropout: per pass, its masks are drawn apart). The step code's pattern: split, merge inside the
+    differentiated function, return the new BatchNorm statistics as aux. (`copy=True`:
+    Variables rebuilt from jax.grad's arguments belong to another trace and refuse the
+    BatchNorm update otherwise.)"""
     # Two stages keep the gradient compile short; the second stage scans 2 blocks.
     encoder = config_lib.mit_config("b0", embed_dims=(16, 32), depths=(1, 2), num_heads=(1, 2), sr_ratios=(4, 2))
     x = images()
+
+    def loss(out):
+        return jnp.mean(out.logits**2) + jnp.mean(out.projection**2)
 
     def loss_grads_stats(model):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss_fn(params):
             merged = nnx.merge(graphdef, params, rest, copy=True)
-            out = merged.forward(x, train=True, dropout_key=jax.random.key(5), num_batch_groups=2)
-            return jnp.mean(out.logits**2), nnx.state(merged, nnx.BatchStat)
+            out = merged.forward(x, train=True, dropout_key=jax.random.key(5), num_batch_groups=2, with_projection=True)
+            return loss(out), nnx.state(merged, nnx.BatchStat)
 
         return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
-    def encoder_backward_flops(model):  # of the lowered program, recomputation included
+    def backward_flops(model):  # of the lowered program, recomputation included
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        grad = jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p, rest).encoder(x)[-1] ** 2))
-        return jax.jit(grad).lower(params).cost_analysis()["flops"]
 
-    kept = numpy_filled(tiny_config(encoder=encoder, remat="none"))
-    recomputed = numpy_filled(tiny_config(encoder=encoder, remat=remat))  # same seed: same weights
-    assert encoder_backward_flops(recomputed) > 1.01 * encoder_backward_flops(kept)
+        def loss_fn(p):
+            return loss(nnx.merge(graphdef, p, rest, copy=True).forward(x, use_batch_stats=False, with_projection=True))
+
+        return jax.jit(jax.grad(loss_fn)).lower(params).cost_analysis()["flops"]
+
+    kept = numpy_filled(tiny_config(encoder=encoder, remat="none", dropout_rate=0.0))
+    recomputed = numpy_filled(  # the same weights
+        tiny_config(encoder=encoder, remat=remat, head_remat=head_remat, head_per_pass=head_per_pass, dropout_rate=0.0)
+    )
+    assert backward_flops(recomputed) > 1.01 * backward_flops(kept)
     (loss_a, stats_a), grads_a = loss_grads_stats(kept)
     (loss_b, stats_b), grads_b = loss_grads_stats(recomputed)
     assert abs(float(loss_a) - float(loss_b)) <= 1e-6 * abs(float(loss_a))
     for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
         np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-7)
     initial = nnx.state(numpy_filled(tiny_config(encoder=encoder)), nnx.BatchStat)
-    for sa, sb, s0 in zip(*(jax.tree.leaves(s["head"]) for s in (stats_a, stats_b, initial)), strict=True):
-        np.testing.assert_allclose(sb, sa, rtol=1e-5, atol=1e-6)
-        assert not np.allclose(sa, s0)  # the head's running statistics moved
+    for module in ("head", "projector"):
+        for sa, sb, s0 in zip(*(jax.tree.leaves(s[module]) for s in (stats_a, stats_b, initial)), strict=True):
+            np.testing.assert_allclose(sb, sa, rtol=1e-5, atol=1e-6)
+            assert not np.allclose(sa, s0)  # the running statistics moved
     with pytest.raises(ValueError, match="'blocks'.*expected one of"):
         numpy_filled(tiny_config(encoder=encoder, remat="blocks"))
 

@@ -51,8 +51,8 @@ def _collective_bytes(hlo_text):
 
 
 def _jitted_step(config, mesh):
-    graphdef, state, imagenet_params, optimizer = train_state.create_train_state(config, mesh, 100)
-    return train_state.jit_train_step(config, graphdef, optimizer, mesh, 100), state, imagenet_params
+    graphdef, state, imagenet_variables, optimizer = train_state.create_train_state(config, mesh, 100)
+    return train_state.jit_train_step(config, graphdef, optimizer, mesh, 100), state, imagenet_variables
 
 
 def test_t2s_step_on_8_devices_equals_1_device_and_compiles_once(tmp_path):
@@ -64,13 +64,13 @@ def test_t2s_step_on_8_devices_equals_1_device_and_compiles_once(tmp_path):
     results = {}
     for num_devices in (1, 8):
         mesh = parallel.make_mesh(num_devices)
-        step, state, imagenet_params = _jitted_step(config, mesh)
+        step, state, imagenet_variables = _jitted_step(config, mesh)
         global_batch = parallel.global_batch(batch, mesh)
-        state, metrics = step(state, global_batch, imagenet_params)
+        state, metrics = step(state, global_batch, imagenet_variables)
         results[num_devices] = (jax.device_get(state.params), jax.device_get(metrics))
         if num_devices == 8:
             # Data parallel: the gradient is the one large all-reduce (the executable is cached).
-            collectives = _collective_bytes(step.lower(state, global_batch, imagenet_params).compile().as_text())
+            collectives = _collective_bytes(step.lower(state, global_batch, imagenet_variables).compile().as_text())
             gradient_bytes = sum(leaf.size * 4 for leaf in jax.tree.leaves(state.params))
             assert gradient_bytes <= collectives["all-reduce"] <= 1.1 * gradient_bytes, (collectives, gradient_bytes)
             assert collectives["all-gather"] + collectives["all-to-all"] <= 0.01 * gradient_bytes, collectives
@@ -78,7 +78,7 @@ def test_t2s_step_on_8_devices_equals_1_device_and_compiles_once(tmp_path):
             # Batches holding other class sets (two classes; all ignore) reuse the same executable.
             for seed, classes in ((1, (0, 13)), (2, (255,))):
                 other = _random_batch(8, config.data.crop_hw, seed, classes)
-                state, _ = step(state, parallel.global_batch(other, mesh), imagenet_params)
+                state, _ = step(state, parallel.global_batch(other, mesh), imagenet_variables)
             assert step._cache_size() == 1
     params_1, metrics_1 = results[1]
     params_8, metrics_8 = results[8]

@@ -10,11 +10,12 @@ import ml_collections
 
 from t2s_jax.hosts.base import Host, SingleScaleHost
 from t2s_jax.hosts.hrda import HRDAHost, HRDAOutput
+from t2s_jax.models.segmentor import segmentor_output_stride
 
 
 def build_host(config: ml_collections.ConfigDict) -> Host:
     """The host of a run config: HRDA when `config.model.hrda.enabled`, else single-scale."""
-    single_scale = SingleScaleHost()
+    single_scale = SingleScaleHost(segmentor_output_stride(config.model))
     return HRDAHost(config, single_scale) if config.model.hrda.enabled else single_scale
 
 

@@ -80,7 +80,8 @@ class SingleScaleHost(Host):
     """One segmentor forward per image (DAFormer and every single-scale host): all passes of a
     step stacked into one batch (`stack_passes`), one BatchNorm group each."""
 
-    output_stride = 4  # input pixels per logit (MiT + DAFormer head)
+    def __init__(self, output_stride: int = 4):
+        self.output_stride = output_stride  # input pixels per logit (`Segmentor.output_stride`)
 
     def _forward(self, model: Segmentor, passes: Mapping[str, jax.Array], **kwargs) -> dict[str, SegmentorOutput]:
         names = list(passes)
@@ -98,6 +99,7 @@ class SingleScaleHost(Host):
         return losses.segmentation_loss(output.logits, labels, weights)
 
     def imagenet_features(self, imagenet_model, images):
+        # Eval mode: an encoder with BatchNorm (ResNet) normalises with the checkpoint's statistics.
         return imagenet_model.encoder(normalize.normalize(images))[-1]
 
     def eval_logits(self, model, images):

@@ -1,10 +1,11 @@
-"""MiT encoder, DAFormer / SegFormer heads, T2S-DA projector, HRDA multi-resolution pieces, segmentor,
-pretrained-weight import."""
+"""Encoders (MiT, ResNet), decode heads (DAFormer, SegFormer, DeepLab-V2), T2S-DA projector, HRDA
+multi-resolution pieces, segmentor, pretrained-weight import."""
 
 from t2s_jax.models.heads import DAFormerHead, SegFormerHead
 from t2s_jax.models.hrda import ScaleAttentionHead
 from t2s_jax.models.layers import BatchNorm, resize_bilinear, stack_passes, unstack_passes
-from t2s_jax.models.mit import MiT, build_encoder
+from t2s_jax.models.encoders import build_encoder
+from t2s_jax.models.mit import MiT
 from t2s_jax.models.projector import Projector
 from t2s_jax.models.segmentor import (
     Segmentor,

@@ -63,6 +63,7 @@ class DAFormerHead(nnx.Module):
         self.bottleneck = layers.ConvBNReLU(channels * (1 + len(aspp_dilations)), channels, 3, **bn)
         self.classifier = build_classifier(channels, num_classes, dtype, rngs)
         self.dropout_rate = dropout_rate
+        self.feature_channels = channels  # of `fused`, the projector's 'decoder' input
 
     def __call__(
         self,
@@ -107,6 +108,7 @@ class SegFormerHead(nnx.Module):
         )
         self.classifier = build_classifier(channels, num_classes, dtype, rngs)
         self.dropout_rate = dropout_rate
+        self.feature_channels = channels
 
     def __call__(
         self,

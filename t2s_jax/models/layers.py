@@ -51,6 +51,14 @@ def checkpoint(fn, remat: str, *, prevent_cse: bool = True):
     return jax.checkpoint(fn, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse)
 
 
+def checkpoint_module_call(fn, remat: str):
+    """`fn(module, *args)` rematerialised under the policy `remat` names, the module's
+    BatchNorm statistics still updated (`nnx.remat`); `fn` itself for 'none'."""
+    if check_remat(remat) == "none":
+        return fn
+    return nnx.remat(fn, policy=REMAT_POLICIES[remat])
+
+
 def conv_fan_out_init(kernel_size: int, out_channels: int, groups: int = 1) -> jax.nn.initializers.Initializer:
     """Normal(0, sqrt(2 / fan_out)) with fan_out = k*k*out/groups, the MiT (mmseg) conv init."""
     fan_out = kernel_size * kernel_size * out_channels // groups

@@ -259,6 +259,7 @@ class MiT(nnx.Module):
         starts = np.cumsum((0, *depths))
         self.depths = tuple(int(d) for d in depths)
         self.embed_dims = tuple(int(d) for d in embed_dims)
+        self.output_strides = tuple(4 * 2**i for i in range(len(depths)))  # input pixels per feature
         self.stages = nnx.List(
             [
                 MiTStage(
@@ -283,8 +284,18 @@ class MiT(nnx.Module):
             ]
         )
 
-    def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None) -> tuple[jax.Array, ...]:
-        """`images` NHWC float; `dropout_key` turns stochastic depth on (training)."""
+    def __call__(
+        self,
+        images: jax.Array,
+        *,
+        dropout_key: jax.Array | None = None,
+        use_batch_stats: bool = False,
+        num_batch_groups: int = 1,
+    ) -> tuple[jax.Array, ...]:
+        """`images` NHWC float; `dropout_key` turns stochastic depth on (training). MiT has no
+        BatchNorm: `use_batch_stats` and `num_batch_groups` are the encoder interface's
+        (`models.encoders`), for encoders that do."""
+        del use_batch_stats, num_batch_groups
         block_keys = None if dropout_key is None else jax.random.split(dropout_key, sum(self.depths))
         starts = np.cumsum((0, *self.depths))
         features = []
@@ -303,7 +314,7 @@ def attention_implementation(name: str) -> str | None:
     return name or None
 
 
-def build_encoder(
+def build_mit(
     encoder_config: ml_collections.ConfigDict, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
 ) -> MiT:
     """MiT from `config.model.encoder` (shape) and `config.model` (dtype, scan, remat, attention)."""

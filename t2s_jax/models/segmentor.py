@@ -1,5 +1,5 @@
-"""The segmentor: MiT encoder + decode head (+ T2S-DA projector, + HRDA scale attention), built
-from `config.model`.
+"""The segmentor: encoder (MiT or ResNet) + decode head (+ T2S-DA projector, + HRDA scale
+attention), built from `config.model`.
 
 State is only `nnx.Param` and `nnx.BatchStat`; randomness (stochastic depth, channel
 dropout) enters through `dropout_key`, so step functions can `nnx.split` the model, run a
@@ -8,6 +8,8 @@ pure function and `nnx.merge` / `nnx.update` the new BatchNorm statistics back.
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import ml_collections
@@ -15,7 +17,7 @@ from flax import nnx
 
 from t2s_jax.models import heads, layers
 from t2s_jax.models.hrda import ScaleAttentionHead
-from t2s_jax.models.mit import build_encoder
+from t2s_jax.models.encoders import build_encoder
 from t2s_jax.models.projector import Projector
 
 # Top-level attribute names: the optimizer gives these 10x learning rate.
@@ -27,22 +29,22 @@ ENCODER_NORM_MODULES = ("patch_norm", "norm1", "norm2", "norm")
 
 @flax.struct.dataclass
 class SegmentorOutput:
-    logits: jax.Array  # (B, H/4, W/4, num_classes) float32
-    encoder_features: tuple[jax.Array, ...]  # 4 stages, NHWC, strides 4/8/16/32, compute dtype
-    decoder_features: jax.Array  # fused stride-4 head feature before dropout, compute dtype
+    logits: jax.Array  # (B, H/s, W/s, num_classes) float32, s = `Segmentor.output_stride`
+    encoder_features: tuple[jax.Array, ...]  # 4 stages, NHWC (MiT: strides 4/8/16/32), compute dtype
+    decoder_features: jax.Array  # the feature the classifier reads, before dropout, compute dtype
     projection: jax.Array | None = None  # unnormalised projector output, float32
     attention: jax.Array | None = None  # HRDA scale attention (B, H/4, W/4, K or 1) float32 in (0, 1)
 
 
 class Segmentor(nnx.Module):
-    """`.encoder` (MiT), `.head` (DAFormer or SegFormer), `.projector` (None unless enabled),
-    `.attention_head` (HRDA scale attention; None unless `model.hrda.enabled`)."""
+    """`.encoder` (MiT or ResNet), `.head` (DAFormer, SegFormer or DeepLab-V2), `.projector` (None
+    unless enabled), `.attention_head` (HRDA scale attention; None unless `model.hrda.enabled`)."""
 
     def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         dtype = layers.compute_dtype(model_config.dtype)
-        embed_dims = tuple(model_config.encoder.embed_dims)
         bn = dict(bn_momentum=float(model_config.bn_momentum), bn_eps=float(model_config.bn_eps))
         self.encoder = build_encoder(model_config.encoder, model_config, rngs=rngs)
+        embed_dims = self.encoder.embed_dims
         common = dict(
             channels=int(model_config.head_channels),
             num_classes=int(model_config.num_classes),
@@ -55,14 +57,20 @@ class Segmentor(nnx.Module):
             self.head = heads.DAFormerHead(embed_dims, aspp_dilations=tuple(model_config.aspp_dilations), **common)
         elif model_config.head == "segformer":
             self.head = heads.SegFormerHead(embed_dims, **common)
+        elif model_config.head == "deeplabv2":
+            self.head = heads.DeepLabV2Head(
+                embed_dims, num_classes=common["num_classes"], dilations=tuple(model_config.aspp_dilations), dtype=dtype, rngs=rngs
+            )
         else:
-            raise ValueError(f"unknown head {model_config.head!r}; expected 'daformer' or 'segformer'")
+            raise ValueError(f"unknown head {model_config.head!r}; expected 'daformer', 'segformer' or 'deeplabv2'")
+        # Input pixels per logit: the stride-4 fusion of the MiT heads, the last stage's for DeepLab-V2.
+        self.output_stride = self.encoder.output_strides[-1 if model_config.head == "deeplabv2" else 0]
         projector_config = model_config.projector
         self.projector_input = projector_config.input
         if projector_config.input not in ("decoder", "encoder"):
             raise ValueError(f"unknown projector input {projector_config.input!r}; expected 'decoder' or 'encoder'")
         if projector_config.enabled:
-            in_channels = int(model_config.head_channels) if projector_config.input == "decoder" else embed_dims[-1]
+            in_channels = self.head.feature_channels if projector_config.input == "decoder" else embed_dims[-1]
             self.projector = Projector(
                 in_channels,
                 hidden_channels=int(projector_config.hidden_channels),
@@ -73,6 +81,8 @@ class Segmentor(nnx.Module):
             )
         else:
             self.projector = None
+        self.head_remat = layers.check_remat(str(model_config.get("head_remat", "none")))
+        self.head_per_pass = bool(model_config.get("head_per_pass", False))
         hrda = model_config.get("hrda")  # absent in model configs stored before HRDA
         if hrda is not None and hrda.enabled:
             self.attention_head = ScaleAttentionHead(
@@ -88,7 +98,7 @@ class Segmentor(nnx.Module):
             self.attention_head = None
 
     def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None) -> jax.Array:
-        """Logits (B, H/4, W/4, num_classes) float32 for NHWC normalised `images`."""
+        """Logits (B, H/s, W/s, num_classes) float32 for NHWC normalised `images` (s: `output_stride`)."""
         return self.forward(images, train=train, dropout_key=dropout_key).logits
 
     def forward(
@@ -125,18 +135,19 @@ class Segmentor(nnx.Module):
         if train:
             encoder_key, head_key = jax.random.split(dropout_key)
         bn = dict(use_batch_stats=use_batch_stats, num_batch_groups=num_batch_groups)
-        features = self.encoder(images, dropout_key=encoder_key)
-        logits, fused = self.head(features, dropout_key=head_key, **bn)
+        features = self.encoder(images, dropout_key=encoder_key, **bn)
+        run = functools.partial(self._run_head, use_batch_stats=use_batch_stats, num_batch_groups=num_batch_groups)
+        logits, fused = run(self.head, features, head_key)
         projection = None
         if with_projection:
             projector_input = fused if self.projector_input == "decoder" else features[-1]
-            projection = self.projector(projector_input, **bn)
+            projection = run(self.projector, projector_input)
         attention = None
         if with_attention:
             # Its own key, derived apart from the split, so the encoder's and the head's
             # randomness do not depend on whether the attention runs.
             attention_key = jax.random.fold_in(dropout_key, 1) if train else None
-            attention = self.attention_head(features, dropout_key=attention_key, **bn)
+            attention = run(self.attention_head, features, attention_key)
         return SegmentorOutput(
             logits=logits,
             encoder_features=features,
@@ -146,9 +157,37 @@ class Segmentor(nnx.Module):
         )
 
 
+    def _run_head(self, module, inputs, key=None, *, use_batch_stats: bool, num_batch_groups: int):
+        """`module(inputs)` for a head, the projector or the attention head, under `head_remat`;
+        with `head_per_pass`, pass by pass: each pass has its own BatchNorm statistics, so only
+        the channel-dropout draws differ, and the backward pass holds one pass's activations
+        at a time."""
+
+        def rematerialised_call(groups: int):
+            def call(module, inputs, key):
+                kwargs = {} if key is None else dict(dropout_key=key)
+                return module(inputs, use_batch_stats=use_batch_stats, num_batch_groups=groups, **kwargs)
+
+            return layers.checkpoint_module_call(call, self.head_remat)
+
+        if not self.head_per_pass or num_batch_groups == 1:
+            return rematerialised_call(num_batch_groups)(module, inputs, key)
+        call_one = rematerialised_call(1)
+        outputs = []
+        for index in range(num_batch_groups):
+            pass_inputs = jax.tree.map(lambda x, i=index: layers.unstack_passes(x, num_batch_groups)[i], inputs)
+            outputs.append(call_one(module, pass_inputs, None if key is None else jax.random.fold_in(key, index)))
+        return jax.tree.map(lambda *per_pass: layers.stack_passes(list(per_pass)), *outputs)
+
+
 def build_segmentor(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Segmentor:
     """The segmentor `config.model` describes (random init; see `weights.load_pretrained_encoder`)."""
     return Segmentor(model_config, rngs=rngs)
+
+
+def segmentor_output_stride(model_config: ml_collections.ConfigDict) -> int:
+    """Input pixels per logit of the segmentor `config.model` describes (built abstractly)."""
+    return nnx.eval_shape(lambda: build_segmentor(model_config, rngs=nnx.Rngs(0))).output_stride
 
 
 def is_head_param(path: tuple) -> bool:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from t2s_jax import checkpointing, data, parallel, reporting
+from t2s_jax.models import encoders
 from t2s_jax.training import evaluation
 from t2s_jax.training.control import NonFiniteError, RunError, RunStopped, prepare_workdir
 from t2s_jax.training.coordination import StopSignals, stop_signals, workdir_lock
@@ -103,7 +104,7 @@ def _train(config, workdir, mesh, class_list, checkpointer, stop: StopSignals) -
             _write_report(workdir, config, status="")  # the run's last attempt could not write it
         return summary
 
-    graphdef, state, imagenet_params, optimizer = create_train_state(config, mesh, num_steps)
+    graphdef, state, imagenet_variables, optimizer = create_train_state(config, mesh, num_steps)
     train_iterator = data.make_train_iterator(
         config.data, seed=config.seed, process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -140,7 +141,7 @@ def _train(config, workdir, mesh, class_list, checkpointer, stop: StopSignals) -
             last_summary = evaluate_step(start_step)
         train_metrics = _TrainMetrics(writer, workdir, num_steps, start_step)
         for step in range(start_step + 1, num_steps + 1):
-            state, metrics = train_step(state, batches.next(), imagenet_params)
+            state, metrics = train_step(state, batches.next(), imagenet_variables)
             done_step = step
             if step < num_steps:
                 batches.place_next()  # overlaps the step just dispatched
@@ -217,11 +218,10 @@ def _write_report(workdir: str, config: ml_collections.ConfigDict, *, status: st
 
 
 def _config_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    encoder = config.model.encoder
     return {
         "method": config.method,
         "source -> target": f"{config.data.source} -> {config.data.target or '(none)'}",
-        "encoder": f"MiT dims {tuple(encoder.embed_dims)} depths {tuple(encoder.depths)}",
+        "encoder": encoders.describe(config.model.encoder),
         "head": config.model.head,
         "steps": config.train.num_steps,
         "batch (per domain)": config.data.batch_size,

@@ -64,14 +64,15 @@ def abstract_model_state(
 
 
 def _initial_state_fn(config: ml_collections.ConfigDict, optimizer: Any):
-    """(params, batch_stats) -> (fresh train state, frozen ImageNet parameters)."""
+    """(params, batch_stats) -> (fresh train state, the frozen ImageNet model's (params, batch_stats))."""
     terms = methods.build_terms(config)
 
     def initial_state(params, batch_stats):
         state = steps.initial_train_state(params, batch_stats, optimizer, config.seed, terms=terms)
-        # The ImageNet reference of the feature distance is the initial encoder, kept frozen
-        # (its own buffers: the step donates the state).
-        return state, jax.tree.map(jnp.copy, params)
+        # The ImageNet reference of the feature distance is the initial model, kept frozen with
+        # its BatchNorm statistics (a ResNet's run in eval mode); its own buffers: the step
+        # donates the state.
+        return state, jax.tree.map(jnp.copy, (params, batch_stats))
 
     return initial_state
 
@@ -79,11 +80,11 @@ def _initial_state_fn(config: ml_collections.ConfigDict, optimizer: Any):
 def abstract_train_state(
     config: ml_collections.ConfigDict, num_steps: int
 ) -> tuple[nnx.GraphDef, steps.TrainState, nnx.State, Any]:
-    """(graphdef, train state, ImageNet parameters, optimizer) of `config` as shapes only."""
+    """(graphdef, train state, ImageNet variables, optimizer) of `config` as shapes only."""
     graphdef, params, batch_stats = abstract_model_state(config)
     optimizer = make_optimizer(config.optim, num_steps)
-    state, imagenet_params = jax.eval_shape(_initial_state_fn(config, optimizer), params, batch_stats)
-    return graphdef, state, imagenet_params, optimizer
+    state, imagenet_variables = jax.eval_shape(_initial_state_fn(config, optimizer), params, batch_stats)
+    return graphdef, state, imagenet_variables, optimizer
 
 
 def create_model_state(
@@ -117,13 +118,13 @@ def create_model_state(
 def create_train_state(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_steps: int
 ) -> tuple[nnx.GraphDef, steps.TrainState, nnx.State, Any]:
-    """(graphdef, fresh train state, frozen ImageNet parameters, optimizer)."""
+    """(graphdef, fresh train state, frozen ImageNet variables, optimizer)."""
     graphdef, params, batch_stats = create_model_state(config, mesh)
     optimizer = make_optimizer(config.optim, num_steps)
     initial_state = jax.jit(_initial_state_fn(config, optimizer), out_shardings=parallel.replicated(mesh))
     initial_state = initial_state.lower(params, batch_stats)
-    state, imagenet_params = initial_state.compile(compiler_options=_RUN_ONCE_COMPILER_OPTIONS)(params, batch_stats)
-    return graphdef, state, imagenet_params, optimizer
+    state, imagenet_variables = initial_state.compile(compiler_options=_RUN_ONCE_COMPILER_OPTIONS)(params, batch_stats)
+    return graphdef, state, imagenet_variables, optimizer
 
 
 def jit_train_step(
@@ -133,7 +134,7 @@ def jit_train_step(
     mesh: jax.sharding.Mesh,
     num_steps: int,
 ):
-    """The step of `config.method` jitted for `mesh`: state and ImageNet parameters replicated,
+    """The step of `config.method` jitted for `mesh`: state and ImageNet variables replicated,
     the batch sharded on 'data', the incoming state donated (updated in place)."""
     return jax.jit(
         steps.make_train_step(config, graphdef, optimizer, num_steps, mesh),

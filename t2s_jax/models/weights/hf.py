@@ -12,7 +12,7 @@ import ml_collections
 from flax import nnx
 
 from t2s_jax import config as config_lib
-from t2s_jax.models.mit import MiT, build_encoder
+from t2s_jax.models.mit import MiT, build_mit
 from t2s_jax.models.segmentor import Segmentor, build_segmentor
 from t2s_jax.models.weights import layouts
 from t2s_jax.models.weights.errors import WeightsError, first_line
@@ -111,7 +111,7 @@ def load_hf_pretrained(
         keys_of, ignored = layouts.segmentor_keys, layouts.IGNORED_ALWAYS
         description = f"a SegFormer segmentor (embed_dims {model.encoder.embed_dims}, depths {model.encoder.depths})"
     else:
-        model = nnx.eval_shape(lambda: build_encoder(model_config.encoder, model_config, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: build_mit(model_config.encoder, model_config, rngs=nnx.Rngs(0)))
         keys_of, ignored, description = layouts.mit_keys, layouts.IGNORED_FOR_ENCODER, describe_encoder(model)
     summary = load_variables(
         model, canonical, keys_of, source=source, description=description, ignored=ignored, strict=True
