@@ -1,12 +1,13 @@
 """Encoders (MiT, ResNet), decode heads (DAFormer, SegFormer, DeepLab-V2), T2S-DA projector, HRDA
 multi-resolution pieces, segmentor, pretrained-weight import."""
 
-from t2s_jax.models.heads import DAFormerHead, SegFormerHead
+from t2s_jax.models.encoders import build_encoder
+from t2s_jax.models.heads import DAFormerHead, DeepLabV2Head, SegFormerHead
 from t2s_jax.models.hrda import ScaleAttentionHead
 from t2s_jax.models.layers import BatchNorm, resize_bilinear, stack_passes, unstack_passes
-from t2s_jax.models.encoders import build_encoder
 from t2s_jax.models.mit import MiT
 from t2s_jax.models.projector import Projector
+from t2s_jax.models.resnet import ResNet, build_resnet
 from t2s_jax.models.segmentor import (
     Segmentor,
     SegmentorOutput,
@@ -23,6 +24,7 @@ from t2s_jax.models.weights import (
     load_hf_pretrained,
     load_mit_pth,
     load_pretrained_encoder,
+    load_resnet_pretrained,
     load_segmentor,
     maybe_load_pretrained,
     model_config_from_hf,
@@ -33,15 +35,18 @@ from t2s_jax.models.weights import (
 __all__ = [
     "BatchNorm",
     "DAFormerHead",
+    "DeepLabV2Head",
     "LoadSummary",
     "MiT",
     "Projector",
+    "ResNet",
     "ScaleAttentionHead",
     "SegFormerHead",
     "Segmentor",
     "SegmentorOutput",
     "WeightsError",
     "build_encoder",
+    "build_resnet",
     "build_segmentor",
     "count_parameters",
     "from_hf_pretrained",
@@ -51,6 +56,7 @@ __all__ = [
     "is_head_param",
     "load_mit_pth",
     "load_pretrained_encoder",
+    "load_resnet_pretrained",
     "load_segmentor",
     "maybe_load_pretrained",
     "model_config_from_hf",

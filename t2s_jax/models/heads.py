@@ -1,7 +1,9 @@
-"""Decode heads on the four MiT stage outputs: DAFormer (separable-ASPP fusion) and SegFormer (all-MLP).
+"""Decode heads on the four encoder stage outputs: DAFormer (separable-ASPP fusion), SegFormer
+(all-MLP) and DeepLab-V2 (summed dilated convs on the last stage).
 
-Both return `(logits, fused)`: float32 logits at stride 4 and the fused stride-4 feature
-before dropout (the T2S-DA projector's default input).
+Each returns `(logits, feature)`: float32 logits and the feature the classifier reads (the
+T2S-DA projector's default input): the fused stride-4 feature before dropout for DAFormer
+and SegFormer, the last stage output for DeepLab-V2.
 """
 
 from __future__ import annotations
@@ -130,3 +132,51 @@ def classify(classifier: nnx.Conv, fused: jax.Array, dropout_rate: float, dropou
     if dropout_key is not None:
         fused = layers.channel_dropout(fused, dropout_rate, dropout_key)
     return classifier(fused).astype(jnp.float32)
+
+
+class DeepLabV2Head(nnx.Module):
+    """DeepLab-V2 (mmseg `DLV2Head`): the sum over `dilations` of a 3x3 conv with bias and
+    padding = dilation on the last stage, straight to the classes.
+
+    DAFormer's `dlv2red` uses dilations (6, 12), `dlv2` (6, 12, 18, 24). Logits are at the last
+    stage's stride. No BatchNorm and no dropout: the BatchNorm and dropout arguments are
+    accepted for the head interface and unused.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        *,
+        num_classes: int,
+        dilations: Sequence[int] = (6, 12),
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.aspp_convs = nnx.List(
+            [
+                nnx.Conv(
+                    in_channels[-1],
+                    num_classes,
+                    (3, 3),
+                    padding=((d, d), (d, d)),
+                    kernel_dilation=d,
+                    kernel_init=_classifier_init,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for d in dilations
+            ]
+        )
+
+    def __call__(
+        self,
+        features: Sequence[jax.Array],
+        *,
+        use_batch_stats: bool,
+        num_batch_groups: int = 1,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        del use_batch_stats, num_batch_groups, dropout_key
+        feature = features[-1]
+        logits = sum(conv(feature).astype(jnp.float32) for conv in self.aspp_convs)
+        return logits, feature

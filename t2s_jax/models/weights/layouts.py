@@ -4,6 +4,9 @@
             `block1.0.attn.kv.weight`, `block1.0.attn.sr.weight`, `block1.0.mlp.dwconv.dwconv.weight`,
             `norm1.weight`, ...); Hugging Face names are translated (their key and value
             projections are fused into `attn.kv`, keys first as in mmseg).
+  resnet    the mmcv ResNetV1c / torchvision layout (`stem.0.weight` or `conv1.weight`,
+            `layer1.0.conv1.weight`, `layer1.0.bn1.running_mean`, `layer1.0.downsample.0.weight`),
+            unchanged: both name the stages alike and differ only in the stem.
   head      Hugging Face's SegFormer decode head (`decode_head.linear_c.0.proj.weight`,
             `decode_head.linear_fuse.weight`, `decode_head.batch_norm.*`, `decode_head.classifier.*`).
 
@@ -24,6 +27,8 @@ import numpy as np
 # of the MiT `.pth` files, Hugging Face's image-classification head, mmseg decode heads, and
 # PyTorch BatchNorm's step counter.
 IGNORED_FOR_ENCODER = re.compile(r"^(head|classifier|decode_head|auxiliary_head)\.|num_batches_tracked$")
+# The same for a ResNet encoder: torchvision's ImageNet classifier `fc`.
+IGNORED_FOR_RESNET = re.compile(r"^(fc|decode_head|auxiliary_head)\.|num_batches_tracked$")
 IGNORED_ALWAYS = re.compile(r"num_batches_tracked$")
 
 # ----------------------------------------------------------------------------- Hugging Face -> canonical
@@ -110,6 +115,25 @@ def mit_keys(path: tuple, stacked_depth: int) -> list[str]:
         part, f"norm{stage}"
     )
     return [f"{module_name}.{leaf}"]
+
+
+# ResNet stem modules -> mmcv ResNetV1c keys (deep stem: conv, BN, ReLU three times) or
+# torchvision keys (7x7 stem).
+_RESNET_STEM_KEYS = {
+    "stem_conv1": "stem.0", "stem_bn1": "stem.1", "stem_conv2": "stem.3", "stem_bn2": "stem.4",
+    "stem_conv3": "stem.6", "stem_bn3": "stem.7", "conv1": "conv1", "bn1": "bn1",
+}
+_RESNET_SHORTCUT_KEYS = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+
+
+def resnet_keys(path: tuple, stacked_depth: int) -> list[str]:
+    """Canonical key of a ResNet variable at `path` (relative to the ResNet; blocks are never stacked)."""
+    del stacked_depth
+    leaf = _LEAF_NAMES[path[-1]]
+    if path[0] == "stages":  # ('stages', s, i, module, leaf)
+        stage, block, module = path[1] + 1, path[2], path[3]
+        return [f"layer{stage}.{block}.{_RESNET_SHORTCUT_KEYS.get(module, module)}.{leaf}"]
+    return [f"{_RESNET_STEM_KEYS[path[0]]}.{leaf}"]
 
 
 def _segformer_head_keys(path: tuple) -> list[str]:

@@ -62,8 +62,14 @@ def load_variables(
     description: str,
     ignored: re.Pattern,
     strict: bool,
+    layout: str = "the canonical mmseg/SegFormer layout",
+    checkpoint_kind: str = "MiT / SegFormer",
 ) -> LoadSummary:
-    """Copy canonical `tensors` into every variable of `module` (`keys_of` names the keys)."""
+    """Copy canonical `tensors` into every variable of `module` (`keys_of` names the keys).
+
+    `layout` and `checkpoint_kind` name, in the mismatch report, the key layout `keys_of`
+    expects and the kind of checkpoint that has it.
+    """
     state = nnx.state(module)  # Params and BatchStats: the only variables our modules hold
     updates, missing, mismatched, used = [], [], [], set()
     loaded_tensors = loaded_values = 0
@@ -89,7 +95,9 @@ def load_variables(
     unexpected = sorted(k for k in tensors if k not in used and not ignored.search(k))
     skipped = tuple(sorted(k for k in tensors if k not in used and ignored.search(k)))
     if missing or unexpected or mismatched:
-        report = _mismatch_report(source, description, missing, unexpected, mismatched, nothing_loaded=not updates)
+        report = _mismatch_report(
+            source, description, layout, checkpoint_kind, missing, unexpected, mismatched, nothing_loaded=not updates
+        )
         if strict:
             raise WeightsError(report)
         logging.warning("%s\nstrict=False: loading the tensors that fit.", report)
@@ -114,10 +122,19 @@ def _place_like(value: np.ndarray, current) -> jax.Array:
     return jnp.asarray(value)
 
 
-def _mismatch_report(source: Path, description: str, missing, unexpected, mismatched, nothing_loaded: bool) -> str:
-    lines = [f"checkpoint {source} does not fit {description} (keys in the canonical mmseg/SegFormer layout):"]
+def _mismatch_report(
+    source: Path,
+    description: str,
+    layout: str,
+    checkpoint_kind: str,
+    missing,
+    unexpected,
+    mismatched,
+    nothing_loaded: bool,
+) -> str:
+    lines = [f"checkpoint {source} does not fit {description} (keys in {layout}):"]
     if nothing_loaded:
-        lines.append("  no key matched: is this a MiT / SegFormer checkpoint?")
+        lines.append(f"  no key matched: is this a {checkpoint_kind} checkpoint?")
     for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
         if keys:
             lines.append(f"  {len(keys)} {name}: {listing(keys)}")

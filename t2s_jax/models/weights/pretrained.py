@@ -9,11 +9,13 @@ from pathlib import Path
 import ml_collections
 
 from t2s_jax.models.mit import MiT
+from t2s_jax.models.resnet import ResNet
 from t2s_jax.models.segmentor import Segmentor
 from t2s_jax.models.weights import converted, hf, layouts
 from t2s_jax.models.weights.errors import WeightsError
 from t2s_jax.models.weights.loading import LoadSummary, load_variables
 from t2s_jax.models.weights.reading import read_checkpoint
+from t2s_jax.models.weights.resnet import load_resnet_pretrained
 
 _SEGMENTOR_ACCEPTED = (
     "expected a Hugging Face SegFormer directory with a decode head (config.json + weights) or a "
@@ -21,8 +23,11 @@ _SEGMENTOR_ACCEPTED = (
 )
 
 
-def load_pretrained_encoder(model: MiT | Segmentor, path: str | Path, *, strict: bool = True) -> LoadSummary:
-    """Load MiT weights into `model` (a MiT or a Segmentor's encoder) in place.
+def load_pretrained_encoder(model: MiT | ResNet | Segmentor, path: str | Path, *, strict: bool = True) -> LoadSummary:
+    """Load encoder weights into `model` (a MiT, a ResNet or a Segmentor's encoder) in place.
+
+    A ResNet takes a PyTorch file in the mmcv ResNetV1c or torchvision layout
+    (`load_resnet_pretrained`). For a MiT:
 
     `path`: a `.pth`/`.pt`/`.bin` PyTorch file (SegFormer/mmseg layout, optionally under
     `state_dict` and/or with a `backbone.` prefix, or a Hugging Face state dict), a
@@ -32,8 +37,10 @@ def load_pretrained_encoder(model: MiT | Segmentor, path: str | Path, *, strict:
     loads the rest.
     """
     encoder = model.encoder if isinstance(model, Segmentor) else model
+    if isinstance(encoder, ResNet):
+        return load_resnet_pretrained(encoder, path, strict=strict)
     if not isinstance(encoder, MiT):
-        raise TypeError(f"expected a MiT or a Segmentor, got {type(model).__name__}")
+        raise TypeError(f"expected a MiT, a ResNet or a Segmentor, got {type(model).__name__}")
     source, tensors = read_checkpoint(path)
     summary = load_variables(
         encoder,

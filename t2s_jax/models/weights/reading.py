@@ -13,9 +13,9 @@ from t2s_jax.models.weights.errors import WeightsError, first_line, listing
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 ACCEPTED = (
-    "accepted: a PyTorch file (" + ", ".join(TORCH_SUFFIXES) + ") in the mmseg MiT layout, a .safetensors "
-    "file, a Hugging Face directory (config.json + model.safetensors or pytorch_model.bin) or a directory "
-    "written by `python -m t2s_jax.models.convert` (state/ + model_config.json)"
+    "accepted: a PyTorch file (" + ", ".join(TORCH_SUFFIXES) + ") in the mmseg MiT layout or the mmcv / "
+    "torchvision ResNet layout, a .safetensors file, a Hugging Face directory (config.json + model.safetensors "
+    "or pytorch_model.bin) or a directory written by `python -m t2s_jax.models.convert` (state/ + model_config.json)"
 )
 
 
