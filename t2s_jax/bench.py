@@ -378,6 +378,8 @@ def main(argv: list[str]) -> None:
     config = options.config
     if options.torch_reference and options.steps <= 0:
         raise app.UsageError("--torch_reference times steps: it needs --steps > 0")
+    if options.torch_reference and (encoders.encoder_type(config.model.encoder) != "mit" or config.model.head == "deeplabv2"):
+        raise app.UsageError("--torch_reference is the MiT segmentor (SegFormer encoder + DAFormer/SegFormer head) only")
     bench_torch = _import_torch_reference() if options.torch_reference else None
     attention_impls = options.attention or [None]
     row_configs = [

@@ -150,10 +150,9 @@ def default_config() -> ml_collections.ConfigDict:
     # 'dots_no_batch' keeps the Linear outputs: the B5 T2S-DA step fits 20 GiB for +3 % FLOPs
     # (docs/performance.md).
     model.remat = "dots_no_batch"
-    # The same for the decode head, the projector and HRDA's attention head, each as one unit:
-    # their stride-4 activations of every student image are most of what the step keeps at
-    # high resolution. 'full' is the setting that brings HRDA + MIC + T2S-DA at 1024^2 down
-    # furthest (docs/performance.md).
+    # The same for the decode head, the projector and HRDA's attention head, each as one unit
+    # (with head_per_pass and remat='full', HRDA + MIC + T2S-DA at 1024^2 compiles to 28.7 GiB
+    # against 30.2 GiB; docs/performance.md).
     model.head_remat = "none"
     # Run those heads pass by pass (each pass has its own BatchNorm statistics anyway; only the
     # channel-dropout draws differ), so the backward pass holds one pass's head activations at

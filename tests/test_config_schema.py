@@ -72,6 +72,7 @@ def test_the_choices_of_the_rules_are_the_codes():
         resnet_model("3x3")
     for head in schema.HEADS:
         model_config = schema.default_config().model
+        model_config.encoder = schema.mit_config("b0", depths=(1, 1, 1, 1))
         model_config.head = head
         assert nnx.eval_shape(lambda: build_segmentor(model_config, rngs=nnx.Rngs(0))).head is not None
     model_config.head = "upernet"
@@ -93,7 +94,7 @@ def test_the_choices_of_the_rules_are_the_codes():
 
 def resnet_model(stem: str):
     model_config = schema.default_config().model
-    model_config.encoder = schema.resnet_config(50, stem=stem)
+    model_config.encoder = schema.resnet_config(50, stem=stem, depths=(1, 1, 1, 1))
     return nnx.eval_shape(lambda: encoders.build_encoder(model_config.encoder, model_config, rngs=nnx.Rngs(0)))
 
 
@@ -107,7 +108,7 @@ def test_rules_refuse_wrong_types_and_ranges():
     config.compare_seeds = (0, -1)
     assert schema.check(config) == [
         "config.compare_seeds=(0, -1): expected a tuple of integers >= 0, e.g. (0, 1, 2)",
-        "config.model.head='upernet': expected one of 'daformer', 'segformer'",
+        "config.model.head='upernet': expected one of 'daformer', 'segformer', 'deeplabv2'",
         "config.data.crop_hw=(128,): expected a tuple of 2 integers >= 1, e.g. (512, 512) (height, width)",
         "config.data.flip_prob=1.5: expected a number in [0, 1]",
         "config.train.num_steps=0: expected an integer >= 1",

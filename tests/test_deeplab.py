@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from t2s_jax import config as config_lib, hosts, optim
+from t2s_jax import config as config_lib, hosts, optim, parallel
 from t2s_jax.training import train_state
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -50,8 +50,10 @@ def test_the_deeplab_step_trains_every_term_compiles_once_and_4_devices_equal_1(
 def test_the_optimizer_decays_resnet_batchnorm_and_gives_the_head_10x():
     _, model = _model(deeplab_config())
     params = nnx.state(model, nnx.Param)
-    groups = dict(nnx.to_flat_state(optim.parameter_groups(params)))
-    decayed = dict(nnx.to_flat_state(optim.weight_decay_mask(params)))
+    def by_path(tree):
+        return {optim.path_names(path): value for path, value in jax.tree_util.tree_leaves_with_path(tree)}
+
+    groups, decayed = by_path(optim.parameter_groups(params)), by_path(optim.weight_decay_mask(params))
     bn_paths = [path for path in groups if path[0] == "encoder" and path[-1] in ("scale", "bias")]
     assert bn_paths and all(decayed[path] for path in bn_paths)  # ResNet BN: decayed, as in DAFormer
     assert all(groups[path] == optim.ENCODER_GROUP for path in bn_paths)
@@ -76,7 +78,7 @@ def test_feature_distance_is_stage_4_on_8_px_cells_against_the_imagenet_model_in
     np.testing.assert_allclose(features, eval_mode, rtol=1e-6)
     assert not np.allclose(features, batch_mode, atol=1e-3)
     # The run keeps the initial model's BatchNorm statistics for it, not the student's.
-    mesh = train_state.make_run_mesh(config)
+    mesh = parallel.make_mesh(1)
     _, state, (imagenet_params, imagenet_stats), _ = train_state.create_train_state(config, mesh, 10)
     for kept, initial in zip(jax.tree.leaves(imagenet_stats), jax.tree.leaves(state.batch_stats), strict=True):
         np.testing.assert_array_equal(kept, initial)
@@ -97,11 +99,11 @@ def test_the_projector_reads_the_cnn_features(projector_input):
     assert model.projector.conv1.conv.in_features == 256
 
 
+HRDA_TINY = {"model.hrda.enabled": True, "model.hrda.detail_crop_hw": (32, 32), "model.hrda.detail_slide_stride_hw": (16, 16)}
+
+
 def test_hrda_wraps_deeplab_at_output_stride_8():
-    config = deeplab_config("mic", **{
-        "model.hrda.enabled": True, "model.hrda.detail_crop_hw": (32, 32), "model.hrda.detail_slide_stride_hw": (16, 16),
-        "model.hrda.crop_divisible": 16,
-    })  # fmt: skip
+    config = deeplab_config("mic", **HRDA_TINY, **{"model.hrda.crop_divisible": 16})
     host, model = _model(config)
     assert isinstance(host, hosts.HRDAHost) and host.output_stride == 8
     images = jnp.asarray(np.random.default_rng(2).uniform(0, 255, (2, 64, 64, 3)), jnp.float32)
@@ -118,4 +120,4 @@ def test_hrda_wraps_deeplab_at_output_stride_8():
     assert teacher.logits.shape == (2, 8, 8, 19)
     assert host.eval_logits(model, images).shape == (2, 8, 8, 19)
     with pytest.raises(ValueError, match="crop_divisible=4"):
-        hosts.build_host(deeplab_config(**{"model.hrda.enabled": True, "model.hrda.crop_divisible": 4}))
+        hosts.build_host(deeplab_config(**HRDA_TINY, **{"model.hrda.crop_divisible": 4}))

@@ -100,7 +100,7 @@ class SingleScaleHost(Host):
 
     def imagenet_features(self, imagenet_model, images):
         # Eval mode: an encoder with BatchNorm (ResNet) normalises with the checkpoint's statistics.
-        return imagenet_model.encoder(normalize.normalize(images))[-1]
+        return imagenet_model.encoder(normalize.normalize(images), use_batch_stats=False)[-1]
 
     def eval_logits(self, model, images):
         return model(images, train=False)

@@ -164,7 +164,9 @@ class HRDAHost(Host):
         return unstack_outputs(output, names)
 
     def imagenet_features(self, imagenet_model, images):
-        return imagenet_model.encoder(hrda.context_resize(normalize.normalize(images), self.context_scale))[-1]
+        # Eval mode: an encoder with BatchNorm (ResNet) normalises with the checkpoint's statistics.
+        images = hrda.context_resize(normalize.normalize(images), self.context_scale)
+        return imagenet_model.encoder(images, use_batch_stats=False)[-1]
 
     def eval_logits(self, model, images):
         return self._inference(model, images, use_batch_stats=False, num_views=1, with_projection=False)[1]

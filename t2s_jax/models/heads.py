@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from t2s_jax.models import layers
@@ -167,6 +168,7 @@ class DeepLabV2Head(nnx.Module):
                 for d in dilations
             ]
         )
+        self.feature_channels = in_channels[-1]  # the classifier reads the last stage itself
 
     def __call__(
         self,
@@ -180,3 +182,26 @@ class DeepLabV2Head(nnx.Module):
         feature = features[-1]
         logits = sum(conv(feature).astype(jnp.float32) for conv in self.aspp_convs)
         return logits, feature
+
+
+def build_head(
+    model_config: ml_collections.ConfigDict, in_channels: Sequence[int], *, dtype: jnp.dtype, rngs: nnx.Rngs
+) -> DAFormerHead | SegFormerHead | DeepLabV2Head:
+    """The decode head `config.model.head` names, on encoder stages of `in_channels`."""
+    num_classes = int(model_config.num_classes)
+    if model_config.head == "deeplabv2":
+        return DeepLabV2Head(in_channels, num_classes=num_classes, dilations=tuple(model_config.aspp_dilations), dtype=dtype, rngs=rngs)
+    common = dict(
+        channels=int(model_config.head_channels),
+        num_classes=num_classes,
+        dropout_rate=float(model_config.dropout_rate),
+        bn_momentum=float(model_config.bn_momentum),
+        bn_eps=float(model_config.bn_eps),
+        dtype=dtype,
+        rngs=rngs,
+    )
+    if model_config.head == "daformer":
+        return DAFormerHead(in_channels, aspp_dilations=tuple(model_config.aspp_dilations), **common)
+    if model_config.head == "segformer":
+        return SegFormerHead(in_channels, **common)
+    raise ValueError(f"unknown head {model_config.head!r}; expected 'daformer', 'segformer' or 'deeplabv2'")

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -246,3 +247,47 @@ class ScaleAttentionHead(nnx.Module):
         x = jnp.concatenate(heads.embed_and_resize(features, self.embed), axis=-1)
         fused = self.fuse(x, use_batch_stats=use_batch_stats, num_batch_groups=num_batch_groups)
         return jax.nn.sigmoid(heads.classify(self.classifier, fused, self.dropout_rate, dropout_key))
+
+
+class DeepLabScaleAttention(nnx.Module):
+    """HRDA's scale attention on DeepLab-V2 (HRDA builds it as a second DLV2Head): the sum of the
+    dilated 3x3 convs on the last stage to `num_outputs` maps, sigmoid; at the head's stride."""
+
+    def __init__(
+        self, in_channels: Sequence[int], *, num_outputs: int, dilations: Sequence[int], dtype: jnp.dtype, rngs: nnx.Rngs
+    ):
+        self.head = heads.DeepLabV2Head(in_channels, num_classes=num_outputs, dilations=dilations, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        features: Sequence[jax.Array],
+        *,
+        use_batch_stats: bool,
+        num_batch_groups: int = 1,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        logits, _ = self.head(features, use_batch_stats=use_batch_stats, num_batch_groups=num_batch_groups)
+        return jax.nn.sigmoid(logits)
+
+
+def build_scale_attention(
+    model_config: ml_collections.ConfigDict, in_channels: Sequence[int], *, dtype: jnp.dtype, rngs: nnx.Rngs
+) -> ScaleAttentionHead | DeepLabScaleAttention:
+    """HRDA's attention head for the decode head `config.model.head` (as HRDA builds it: a 1x1-fusion
+    DAFormer head for the MiT heads, a second DLV2 head for DeepLab-V2)."""
+    options = model_config.hrda
+    num_outputs = int(model_config.num_classes) if options.attention_classwise else 1
+    if model_config.head == "deeplabv2":
+        return DeepLabScaleAttention(
+            in_channels, num_outputs=num_outputs, dilations=tuple(model_config.aspp_dilations), dtype=dtype, rngs=rngs
+        )
+    return ScaleAttentionHead(
+        in_channels,
+        channels=int(options.attention_channels),
+        num_outputs=num_outputs,
+        dropout_rate=float(model_config.dropout_rate),
+        bn_momentum=float(model_config.bn_momentum),
+        bn_eps=float(model_config.bn_eps),
+        dtype=dtype,
+        rngs=rngs,
+    )

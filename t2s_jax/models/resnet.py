@@ -202,7 +202,8 @@ class ResNet(nnx.Module):
                 graphdef, state = nnx.split(block)
                 apply = layers.checkpoint(functools.partial(_apply_block, graphdef, **bn), self.remat)
                 x, statistics = apply(state, x)
-                nnx.update(block, statistics)
+                if use_batch_stats:  # eval mode leaves them (and a frozen model's variables) alone
+                    nnx.update(block, statistics)
             outputs.append(x)
         return tuple(outputs)
 

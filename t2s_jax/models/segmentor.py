@@ -16,7 +16,7 @@ import ml_collections
 from flax import nnx
 
 from t2s_jax.models import heads, layers
-from t2s_jax.models.hrda import ScaleAttentionHead
+from t2s_jax.models.hrda import build_scale_attention
 from t2s_jax.models.encoders import build_encoder
 from t2s_jax.models.projector import Projector
 
@@ -33,7 +33,7 @@ class SegmentorOutput:
     encoder_features: tuple[jax.Array, ...]  # 4 stages, NHWC (MiT: strides 4/8/16/32), compute dtype
     decoder_features: jax.Array  # the feature the classifier reads, before dropout, compute dtype
     projection: jax.Array | None = None  # unnormalised projector output, float32
-    attention: jax.Array | None = None  # HRDA scale attention (B, H/4, W/4, K or 1) float32 in (0, 1)
+    attention: jax.Array | None = None  # HRDA scale attention (B, H/s, W/s, K or 1) float32 in (0, 1)
 
 
 class Segmentor(nnx.Module):
@@ -45,24 +45,7 @@ class Segmentor(nnx.Module):
         bn = dict(bn_momentum=float(model_config.bn_momentum), bn_eps=float(model_config.bn_eps))
         self.encoder = build_encoder(model_config.encoder, model_config, rngs=rngs)
         embed_dims = self.encoder.embed_dims
-        common = dict(
-            channels=int(model_config.head_channels),
-            num_classes=int(model_config.num_classes),
-            dropout_rate=float(model_config.dropout_rate),
-            dtype=dtype,
-            rngs=rngs,
-            **bn,
-        )
-        if model_config.head == "daformer":
-            self.head = heads.DAFormerHead(embed_dims, aspp_dilations=tuple(model_config.aspp_dilations), **common)
-        elif model_config.head == "segformer":
-            self.head = heads.SegFormerHead(embed_dims, **common)
-        elif model_config.head == "deeplabv2":
-            self.head = heads.DeepLabV2Head(
-                embed_dims, num_classes=common["num_classes"], dilations=tuple(model_config.aspp_dilations), dtype=dtype, rngs=rngs
-            )
-        else:
-            raise ValueError(f"unknown head {model_config.head!r}; expected 'daformer', 'segformer' or 'deeplabv2'")
+        self.head = heads.build_head(model_config, embed_dims, dtype=dtype, rngs=rngs)
         # Input pixels per logit: the stride-4 fusion of the MiT heads, the last stage's for DeepLab-V2.
         self.output_stride = self.encoder.output_strides[-1 if model_config.head == "deeplabv2" else 0]
         projector_config = model_config.projector
@@ -84,18 +67,8 @@ class Segmentor(nnx.Module):
         self.head_remat = layers.check_remat(str(model_config.get("head_remat", "none")))
         self.head_per_pass = bool(model_config.get("head_per_pass", False))
         hrda = model_config.get("hrda")  # absent in model configs stored before HRDA
-        if hrda is not None and hrda.enabled:
-            self.attention_head = ScaleAttentionHead(
-                embed_dims,
-                channels=int(hrda.attention_channels),
-                num_outputs=int(model_config.num_classes) if hrda.attention_classwise else 1,
-                dropout_rate=float(model_config.dropout_rate),
-                dtype=dtype,
-                rngs=rngs,
-                **bn,
-            )
-        else:
-            self.attention_head = None
+        enabled = hrda is not None and hrda.enabled
+        self.attention_head = build_scale_attention(model_config, embed_dims, dtype=dtype, rngs=rngs) if enabled else None
 
     def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits (B, H/s, W/s, num_classes) float32 for NHWC normalised `images` (s: `output_stride`)."""
@@ -155,7 +128,6 @@ class Segmentor(nnx.Module):
             projection=projection,
             attention=attention,
         )
-
 
     def _run_head(self, module, inputs, key=None, *, use_batch_stats: bool, num_batch_groups: int):
         """`module(inputs)` for a head, the projector or the attention head, under `head_remat`;
