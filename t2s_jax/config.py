@@ -457,7 +457,12 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
     and one per setting that excludes another."""
     problems = []
     for key, rule in rules_for(config).items():
-        value = value_of(config, key)
+        try:
+            value = value_of(config, key)
+        except (KeyError, AttributeError):  # an encoder type set without its settings
+            kind = config.model.encoder.type
+            problems.append(f"config.{key} is missing for encoder type {kind!r}: build the encoder with t2s_jax.config.{kind}_config()")
+            continue
         if not rule.accepts(value):
             problems.append(f"config.{key}={value!r}: expected {rule.expected}")
     # HRDA's v2 pseudo-label validity replaces DAFormer's crop rows (HRDA asserts the rows are 0).

@@ -122,6 +122,9 @@ def test_rules_refuse_wrong_types_and_ranges():
     ]
     config.model.encoder.type = "vit"
     assert schema.check(config) == ["config.model.encoder.type='vit': expected one of 'mit', 'resnet'"]
+    config = schema.default_config()
+    config.model.encoder.type = "resnet"  # a MiT encoder relabelled: its ResNet keys are missing
+    assert "config.model.encoder.base_widths is missing for encoder type 'resnet': build the encoder with t2s_jax.config.resnet_config()" in schema.check(config)
 
 
 @pytest.mark.parametrize("name,method", benchmark_pairs())

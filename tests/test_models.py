@@ -213,7 +213,7 @@ def test_scanned_blocks_equal_unrolled_blocks():
 
 @pytest.mark.parametrize(
     ("remat", "head_remat", "head_per_pass"),
-    [("full", "none", False), ("dots_no_batch", "none", False), ("none", "full", False), ("none", "full", True)],
+    [("full", "none", False), ("dots_no_batch", "none", False), ("none", "full", True)],
 )
 def test_remat_gives_same_gradients_in_the_training_step_pattern(remat, head_remat, head_per_pass):
     """Encoder blocks (`remat`) or the head and projector (`head_remat`, pass by pass with

@@ -62,7 +62,7 @@ def test_batched_step_equals_the_unbatched_reference(method):
     terms = methods.build_terms(config)
     graphdef, params, batch_stats = train_state.create_model_state(config, parallel.make_mesh(1))
     state = steps.initial_train_state(params, batch_stats, OPTIMIZER, config.seed, terms=terms)
-    imagenet = jax.tree.map(jnp.copy, params)
+    imagenet = jax.tree.map(jnp.copy, (params, batch_stats))
     step = jax.jit(steps.make_train_step(config, graphdef, OPTIMIZER, 100, terms=terms))
     first, second = _batches(config)
     state, _ = step(state, first, imagenet)

@@ -29,6 +29,7 @@ from t2s_jax.models import (
     stack_passes,
     unstack_passes,
 )
+from t2s_jax.models import encoders, resnet
 from t2s_jax.models.weights import layouts
 
 BN = dict(bn_momentum=0.9, bn_eps=1e-5)  # PyTorch's momentum 0.1
@@ -173,7 +174,7 @@ def test_resnet101_matches_torchvision_after_import(tmp_path):
     torch_parameters = sum(p.numel() for p in reference.parameters())
     assert count_parameters(model) == torch_parameters == RESNET101_PARAMETERS_WITHOUT_FC
     assert summary.loaded_tensors == len([k for k in reference.state_dict() if "num_batches_tracked" not in k])
-    assert model.embed_dims == (256, 512, 1024, 2048) and model.output_strides == (4, 8, 8, 8)
+    assert model.embed_dims == (256, 512, 1024, 2048) and resnet.output_strides((1, 2, 1, 1)) == (4, 8, 8, 8)
     x = images((1, 64, 96, 3))
     outputs = model(jnp.asarray(x), use_batch_stats=False)
     expected = torch_stage_outputs(reference, x)
@@ -320,7 +321,7 @@ def test_build_resnet_from_config_and_init():
     ))
     model_config = ml_collections.ConfigDict(dict(bn_momentum=0.9, bn_eps=1e-5, remat="dots", dtype="bfloat16"))
     model = build_resnet(encoder_config, model_config, rngs=nnx.Rngs(0))
-    assert model.embed_dims == (16, 32, 32, 32) and model.output_strides == (4, 8, 16, 16)
+    assert model.embed_dims == (16, 32, 32, 32) and encoders.output_strides(encoder_config) == (4, 8, 16, 16)
     assert model.stages[3][0].conv2.kernel_dilation == 2  # no contraction
     outputs = model(jnp.ones((2, 32, 32, 3)), use_batch_stats=True, dropout_key=jax.random.key(0))
     assert [o.shape[1:3] for o in outputs] == [(8, 8), (4, 4), (2, 2), (2, 2)]

@@ -54,7 +54,7 @@ class ToyTerm(Term):
 def _train(config, terms, batches):
     graphdef, params, batch_stats = train_state.create_model_state(config, parallel.make_mesh(1))
     state = steps.initial_train_state(params, batch_stats, OPTIMIZER, config.seed, terms=terms)
-    imagenet = jax.tree.map(jnp.copy, params)
+    imagenet = jax.tree.map(jnp.copy, (params, batch_stats))
     step = jax.jit(steps.make_train_step(config, graphdef, OPTIMIZER, 100, terms=terms))
     states, history = [state], []
     for batch in batches:
@@ -95,7 +95,7 @@ def test_clashing_names_are_errors_naming_both_terms():
     state = steps.initial_train_state(params, batch_stats, OPTIMIZER, config.seed, terms=(*host, ToyTerm()))
     same_loss = steps.make_train_step(config, graphdef, OPTIMIZER, 100, terms=(*host, ToyTerm("loss_mixed")))
     with pytest.raises(ValueError, match="'dacs' and 'toy' both log 'loss_mixed'"):
-        jax.eval_shape(same_loss, state, _batch(0), params)
+        jax.eval_shape(same_loss, state, _batch(0), (params, batch_stats))
 
     same_pass = ToyTerm()
     same_pass.student_passes = ("mixed",)

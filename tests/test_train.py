@@ -55,8 +55,12 @@ def _jitted_step(config, mesh):
     return train_state.jit_train_step(config, graphdef, optimizer, mesh, 100), state, imagenet_variables
 
 
-def test_t2s_step_on_8_devices_equals_1_device_and_compiles_once(tmp_path):
-    config = tiny.tiny_config(str(tmp_path), "t2s")
+def test_t2s_mic_step_on_8_devices_equals_1_device_and_compiles_once(tmp_path):
+    """T2S-DA w/ MIC (every term of the DAFormer host but MaskTwins'; tests/test_steps.py runs
+    MaskTwins on 8 devices): metrics and updated parameters equal, one all-reduce of the gradient."""
+    config = tiny.tiny_config(str(tmp_path), "t2s_mic")
+    config.mic.block_size = 16
+    config.uda.pseudo_threshold = 0.0  # every pseudo-label counts: the random teacher is barely confident
     config.data.batch_size = 8
     config.model.encoder.drop_path_rate = 0.0  # keep the comparison about sharding, not dropout masks
     config.pull.num_groups = 8  # the pulling loss's sampling groups: one per device of the 8-device run
@@ -84,8 +88,11 @@ def test_t2s_step_on_8_devices_equals_1_device_and_compiles_once(tmp_path):
     params_8, metrics_8 = results[8]
     assert set(metrics_1) == set(metrics_8)
     for name in metrics_1:
-        np.testing.assert_allclose(metrics_8[name], metrics_1[name], rtol=2e-4, atol=1e-5, err_msg=name)
-    assert metrics_1["loss_pull"] > 0 and metrics_1["loss_mixed"] > 0
+        # grad_norm is in the thousands at random init: the masked passes hold all-zero tokens, whose
+        # LayerNorm gradient is scaled by 1/sqrt(eps) (as in PyTorch); float sums then differ more.
+        rtol = 1e-3 if name == "grad_norm" else 2e-4
+        np.testing.assert_allclose(metrics_8[name], metrics_1[name], rtol=rtol, atol=1e-5, err_msg=name)
+    assert metrics_1["loss_pull"] > 0 and metrics_1["loss_mixed"] > 0 and metrics_1["loss_mic"] > 0
     for leaf_1, leaf_8 in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_8)):
         np.testing.assert_allclose(leaf_8, leaf_1, rtol=1e-4, atol=1e-6)
 

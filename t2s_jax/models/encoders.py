@@ -2,8 +2,9 @@
 
 An encoder maps NHWC normalised images to its stage outputs (NHWC, compute dtype), called as
 `encoder(images, dropout_key=..., use_batch_stats=..., num_batch_groups=...)`, and exposes
-`embed_dims` (channels per stage) and `output_strides` (input pixels per feature, per stage).
-Heads, the projector, the hosts and HRDA read only these.
+`embed_dims` (channels per stage); `output_strides(encoder_config)` gives the input pixels per
+feature of each stage from the config alone. Heads, the projector, the hosts and HRDA read only
+these.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ml_collections
 from flax import nnx
 
+from t2s_jax.models import mit, resnet
 from t2s_jax.models.mit import MiT, build_mit
 from t2s_jax.models.resnet import ResNet, build_resnet
 
@@ -29,6 +31,13 @@ def describe(encoder_config: ml_collections.ConfigDict) -> str:
     if encoder_type(encoder_config) == "resnet":
         return f"ResNet depths {tuple(encoder_config.depths)} widths {tuple(encoder_config.base_widths)} stem {encoder_config.stem}"
     return f"MiT dims {tuple(encoder_config.embed_dims)} depths {tuple(encoder_config.depths)}"
+
+
+def output_strides(encoder_config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Input pixels per feature of each stage of the encoder `encoder_config` describes."""
+    if encoder_type(encoder_config) == "resnet":
+        return resnet.output_strides(tuple(encoder_config.strides))
+    return mit.output_strides(len(encoder_config.depths))
 
 
 def build_encoder(

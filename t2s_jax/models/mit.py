@@ -259,7 +259,6 @@ class MiT(nnx.Module):
         starts = np.cumsum((0, *depths))
         self.depths = tuple(int(d) for d in depths)
         self.embed_dims = tuple(int(d) for d in embed_dims)
-        self.output_strides = tuple(4 * 2**i for i in range(len(depths)))  # input pixels per feature
         self.stages = nnx.List(
             [
                 MiTStage(
@@ -305,6 +304,11 @@ class MiT(nnx.Module):
             x = stage(x, keys)
             features.append(x)
         return tuple(features)
+
+
+def output_strides(num_stages: int) -> tuple[int, ...]:
+    """Input pixels per feature of each stage: 4 (the 7x7/4 patch embedding), then 2x per stage."""
+    return tuple(4 * 2**i for i in range(num_stages))
 
 
 def attention_implementation(name: str) -> str | None:

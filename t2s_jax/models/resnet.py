@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from t2s_jax.models import layers
@@ -38,6 +39,11 @@ def _conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int 
         dtype=dtype,
         rngs=rngs,
     )
+
+
+def output_strides(strides: Sequence[int]) -> tuple[int, ...]:
+    """Input pixels per feature of each stage: the stem and its pool (4), then each stage's stride."""
+    return tuple(int(4 * np.prod(strides[: i + 1])) for i in range(len(strides)))
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
@@ -145,7 +151,7 @@ class ResNet(nnx.Module):
         else:
             self.conv1 = _conv(3, stem_channels, 7, stride=2, dtype=dtype, rngs=rngs)
             self.bn1 = layers.BatchNorm(stem_channels, **bn)
-        stages, in_channels, stride_so_far, output_strides = [], stem_channels, 4, []
+        stages, in_channels = [], stem_channels
         for depth, width, stride, dilation in zip(depths, base_widths, strides, dilations, strict=True):
             first_dilation = dilation // 2 if contract_dilation and dilation > 1 else dilation
             blocks = []
@@ -164,11 +170,8 @@ class ResNet(nnx.Module):
                 )
                 in_channels = width * EXPANSION
             stages.append(nnx.List(blocks))
-            stride_so_far *= stride
-            output_strides.append(stride_so_far)
         self.stages = nnx.List(stages)
         self.embed_dims = tuple(width * EXPANSION for width in base_widths)
-        self.output_strides = tuple(output_strides)
         self.dtype = dtype
 
     def _stem(self, x: jax.Array, bn: dict) -> jax.Array:

@@ -15,9 +15,8 @@ import jax
 import ml_collections
 from flax import nnx
 
-from t2s_jax.models import heads, layers
+from t2s_jax.models import encoders, heads, layers
 from t2s_jax.models.hrda import build_scale_attention
-from t2s_jax.models.encoders import build_encoder
 from t2s_jax.models.projector import Projector
 
 # Top-level attribute names: the optimizer gives these 10x learning rate.
@@ -43,11 +42,10 @@ class Segmentor(nnx.Module):
     def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         dtype = layers.compute_dtype(model_config.dtype)
         bn = dict(bn_momentum=float(model_config.bn_momentum), bn_eps=float(model_config.bn_eps))
-        self.encoder = build_encoder(model_config.encoder, model_config, rngs=rngs)
+        self.encoder = encoders.build_encoder(model_config.encoder, model_config, rngs=rngs)
         embed_dims = self.encoder.embed_dims
         self.head = heads.build_head(model_config, embed_dims, dtype=dtype, rngs=rngs)
-        # Input pixels per logit: the stride-4 fusion of the MiT heads, the last stage's for DeepLab-V2.
-        self.output_stride = self.encoder.output_strides[-1 if model_config.head == "deeplabv2" else 0]
+        self.output_stride = segmentor_output_stride(model_config)
         projector_config = model_config.projector
         self.projector_input = projector_config.input
         if projector_config.input not in ("decoder", "encoder"):
@@ -158,8 +156,10 @@ def build_segmentor(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) 
 
 
 def segmentor_output_stride(model_config: ml_collections.ConfigDict) -> int:
-    """Input pixels per logit of the segmentor `config.model` describes (built abstractly)."""
-    return nnx.eval_shape(lambda: build_segmentor(model_config, rngs=nnx.Rngs(0))).output_stride
+    """Input pixels per logit of the segmentor `config.model` describes: the stride-4 fusion of
+    the MiT-style heads, the last stage's stride for DeepLab-V2."""
+    strides = encoders.output_strides(model_config.encoder)
+    return strides[-1] if model_config.head == "deeplabv2" else strides[0]
 
 
 def is_head_param(path: tuple) -> bool:
