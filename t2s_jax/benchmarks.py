@@ -1,4 +1,4 @@
-"""What the benchmark configs share: the hosts (DAFormer, HRDA, DeepLab-V2), the source datasets, and the
+"""What the benchmark configs share: the hosts (DAFormer, HRDA, DeepLab-V2, DINOv2 ViT), the source datasets, and the
 method given as the config file's argument (`--config=configs/gta_cs_daformer.py:mic`).
 
 A config file names its source dataset and the methods it states a target number for; the
@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 
 from t2s_jax import methods
-from t2s_jax.config import ConfigError, default_config, mit_config, resnet_config
+from t2s_jax.config import ConfigError, default_config, mit_config, resnet_config, vit_config
 
 MIT_B5_WEIGHTS = "weights/mit_b5.pth"  # SegFormer's ImageNet release, mmseg key layout
 # mmcv's ImageNet ResNetV1c-101 (`open-mmlab://resnet101_v1c`, resnet101_v1c-e67eebb6.pth)
@@ -117,6 +117,65 @@ def hrda_host(source: str, method: str, targets: Mapping[str, str]) -> ml_collec
     config.eval.slide_crop_hw = (1024, 1024)
     config.eval.slide_stride_hw = (512, 512)
     return _with_method(config, method, HRDA_PRESETS, HRDA_METHOD_SETTINGS)
+
+
+# torch.hub's DINOv2 checkpoints (dinov2_vit{b,l}14_pretrain.pth), docs/weights.md.
+DINOV2_WEIGHTS = {"b": "weights/dinov2_vitb14_pretrain.pth", "l": "weights/dinov2_vitl14_pretrain.pth"}
+# VFM-UDA resizes sources to a short side of 1440 (GTA5) or 1024 (SYNTHIA), targets to 1024.
+VFM_SOURCE_RESIZE_HW = {"gta5": (1440, 2620), "synthia": (1024, 1725)}
+# On the ViT host, T2S-DA is VFM-UDA + the pulling loss.
+VFM_PRESETS = {"t2s": "t2s_vfm_uda"}
+
+
+def apply_vfm_recipe(config: ml_collections.ConfigDict) -> None:
+    """What VFM-UDA changes beyond the ViT itself, on any data (in place): the upscaling head,
+    the flip-averaged teacher, the source CE over valid pixels, torchvision's per-image colour
+    jitter, token masking in the masked pass, no feature distance, weight decay on every
+    parameter, evaluation by sliding windows."""
+    config.model.head = "vfm"
+    uda = config.uda
+    uda.teacher_flip = True
+    uda.source_loss_mean = "valid"
+    uda.fd_weight = 0.0
+    uda.color_jitter_semantics = "torchvision"
+    uda.augment_coins = "image"
+    config.mic.mask_type = "token"
+    config.optim.exempt_encoder_norms = False
+    config.eval.mode = "slide"
+
+
+def vfm_host(source: str, method: str, targets: Mapping[str, str], variant: str = "b") -> ml_collections.ConfigDict:
+    """VFM-UDA (tue-mps/vfm-uda): DINOv2 ViT-`variant`/14 ('b' | 'l') + the light upscaling head,
+    1024^2 crops resized to 1120 in the network, 8 + 8 images per step, VFM-UDA's recipe
+    (`apply_vfm_recipe`), optimiser rates and margins, the 1024/512 slide at evaluation;
+    `method` one of `targets`."""
+    _check_method(method, targets)
+    if variant not in DINOV2_WEIGHTS:
+        raise ConfigError(f"unknown ViT variant {variant!r} for this config; expected one of {', '.join(DINOV2_WEIGHTS)}")
+    config = default_config()
+    config.model.encoder = vit_config(variant)
+    config.model.pretrained = DINOV2_WEIGHTS[variant]
+    apply_vfm_recipe(config)
+    data = config.data
+    data.source = source
+    data.source_resize_hw = VFM_SOURCE_RESIZE_HW[source]
+    data.target_resize_hw = data.eval_resize_hw = (1024, 2048)
+    data.crop_hw = (1024, 1024)
+    data.batch_size = 8
+    data.rcs.temperature = 0.05
+    data.rcs.min_crop_pixels = 6000  # 3000 x (1024^2 / (512 x 1024))
+    data.crop_retries = 20
+    # 3 / 25 / 3 / 3 % of the stored 2048x1024 Cityscapes image (top, bottom, left, right).
+    data.pseudo_margins = (30, 256, 61, 61)
+    config.uda.pseudo_ignore_top = config.uda.pseudo_ignore_bottom = 0
+    optim = config.optim
+    # 5e-5 x sqrt(8 images); the encoder at 0.1 x that, the head at the base rate.
+    optim.learning_rate = 5e-5 * 8**0.5 * 0.1
+    optim.head_lr_multiplier = 10.0
+    optim.warmup_ratio = 1e-3
+    config.eval.slide_crop_hw = (1024, 1024)
+    config.eval.slide_stride_hw = (512, 512)
+    return _with_method(config, method, VFM_PRESETS, {})
 
 
 def synthetic_demo() -> ml_collections.ConfigDict:

@@ -74,6 +74,42 @@ def resnet_config(depth: int = 101, **overrides) -> ml_collections.ConfigDict:
     return _overridden(encoder, overrides, "ResNet")
 
 
+# DINOv2 ViT/14 variants (facebookresearch/dinov2 hub models), docs/hosts.md.
+VIT_VARIANTS = {
+    "s": dict(embed_dim=384, depth=12, num_heads=6, ffn="mlp"),
+    "b": dict(embed_dim=768, depth=12, num_heads=12, ffn="mlp"),
+    "l": dict(embed_dim=1024, depth=24, num_heads=16, ffn="mlp"),
+    "g": dict(embed_dim=1536, depth=40, num_heads=24, ffn="swiglu"),
+}
+
+
+def vit_config(variant: str = "b", **overrides) -> ml_collections.ConfigDict:
+    """Encoder settings of DINOv2 ViT-`variant`/14 ('s' | 'b' | 'l' | 'g') as VFM-UDA uses it: the
+    crop resized by 1.1 (1024 -> 1120, 80x80 tokens), the 37x37 position grid of the 518^2
+    pre-training interpolated as the hub code does; `overrides` shrink it for tests."""
+    if variant not in VIT_VARIANTS:
+        raise ValueError(f"unknown ViT variant {variant!r}; expected one of {sorted(VIT_VARIANTS)}")
+    encoder = ml_collections.ConfigDict(
+        dict(
+            type="vit",
+            **VIT_VARIANTS[variant],
+            patch_size=14,
+            mlp_ratio=4,
+            num_register_tokens=0,  # 4 for the *_reg models
+            pretrain_size=518,  # the checkpoint's position embeddings cover 518/14 = 37^2 patches
+            # 'hub': DINOv2's own bicubic with its +0.1 scale-factor offset (VFM-UDA) | 'size':
+            # Hugging Face Dinov2Model's | 'size_antialias': the hub *_reg models'
+            pos_interpolation="hub",
+            layerscale_init=1.0,  # LayerScale gamma at random init; checkpoints hold their own
+            drop_path_rate=0.0,
+            norm_eps=1e-6,
+            # The crop is resized to floor(side * input_scale / patch) * patch first (VFM-UDA: 1024 -> 1120).
+            input_scale=1.1,
+        )
+    )
+    return _overridden(encoder, overrides, "ViT")
+
+
 def _overridden(encoder: ml_collections.ConfigDict, overrides: dict, name: str) -> ml_collections.ConfigDict:
     for key, value in overrides.items():
         if key not in encoder or key == "type":
@@ -107,7 +143,7 @@ def default_config() -> ml_collections.ConfigDict:
     model = config.model = ml_collections.ConfigDict()
     model.encoder = mit_config("b5")
     # 'daformer' (separable-ASPP fusion) | 'segformer' (all-MLP) | 'deeplabv2' (dilated 3x3
-    # convs on the last stage, summed: DeepLab-V2)
+    # convs on the last stage, summed: DeepLab-V2) | 'vfm' (VFM-UDA's upscaling head on ViT tokens)
     model.head = "daformer"
     model.head_channels = 256  # DAFormer embedding/fusion width; SegFormer-B5 uses 768
     # DAFormer: its depthwise-separable ASPP branches; DeepLab-V2: (6, 12) is DAFormer's
@@ -198,6 +234,12 @@ def default_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- DAFormer self-training
     uda = config.uda = ml_collections.ConfigDict()
     uda.ema_max_alpha = 0.999  # alpha_t = min(1 - 1/(t+1), ema_max_alpha)
+    # Pseudo-labels from the mean of the teacher's softmax on the target and on its mirror
+    # image, flipped back (VFM-UDA); False: one teacher pass (DAFormer).
+    uda.teacher_flip = False
+    # The source CE's mean: over 'all' B*H*W pixels, ignored ones counting 0 (DAFormer, mmseg) |
+    # over the 'valid' (non-ignored) pixels (VFM-UDA, PyTorch's cross_entropy).
+    uda.source_loss_mean = "all"
     uda.pseudo_threshold = 0.968  # confidence for the pseudo-label quality q
     uda.pseudo_ignore_top = 15  # crop rows [0, top) get weight 0
     uda.pseudo_ignore_bottom = 120  # crop rows [H-bottom, H) get weight 0 (ego car)
@@ -224,7 +266,11 @@ def default_config() -> ml_collections.ConfigDict:
     optim.head_lr_multiplier = 10.0  # decoder head and projector
     optim.b1 = 0.9
     optim.b2 = 0.999
-    optim.weight_decay = 0.01  # not applied to encoder LayerNorms
+    optim.weight_decay = 0.01
+    optim.exempt_encoder_norms = True  # no weight decay on encoder LayerNorms (DAFormer; VFM-UDA decays all)
+    # ViT encoders: block i of L trains at layer_decay^(L-1-i) x learning_rate, the embeddings at
+    # layer_decay^L (VFM-UDA++: 0.9); 1.0 = off.
+    optim.layer_decay = 1.0
     optim.warmup_steps = 1500
     optim.warmup_ratio = 1e-6
     optim.poly_power = 1.0
@@ -310,8 +356,11 @@ NAMES = Rule(
 
 # The values the model and evaluation accept (tests/test_config_schema.py ties each to the
 # code that implements it).
-HEADS = ("daformer", "segformer", "deeplabv2")
-ENCODER_TYPES = ("mit", "resnet")
+HEADS = ("daformer", "segformer", "deeplabv2", "vfm")
+ENCODER_TYPES = ("mit", "resnet", "vit")
+VIT_FFNS = ("mlp", "swiglu")
+POS_INTERPOLATIONS = ("hub", "size", "size_antialias")
+SOURCE_LOSS_MEANS = ("all", "valid")
 RESNET_STEMS = ("deep", "7x7")
 PROJECTOR_INPUTS = ("decoder", "encoder")
 DTYPES = ("float32", "bfloat16")
@@ -339,6 +388,21 @@ ENCODER_RULES: dict[str, dict[str, Rule]] = {
         "strides": integers(4, 1, "(1, 2, 1, 1) (one per ResNet stage)"),
         "dilations": integers(4, 1, "(1, 1, 2, 4) (one per ResNet stage)"),
         "contract_dilation": BOOL,
+    },
+    "vit": {
+        "embed_dim": POSITIVE,
+        "depth": POSITIVE,
+        "num_heads": POSITIVE,
+        "ffn": one_of(*VIT_FFNS),
+        "patch_size": POSITIVE,
+        "mlp_ratio": POSITIVE,
+        "num_register_tokens": NON_NEGATIVE,
+        "pretrain_size": POSITIVE,
+        "pos_interpolation": one_of(*POS_INTERPOLATIONS),
+        "layerscale_init": number(0),
+        "drop_path_rate": number(0, 1, open_high=True),
+        "norm_eps": number(0, open_low=True),
+        "input_scale": number(0, open_low=True),
     },
 }
 
@@ -411,6 +475,8 @@ RULES: dict[str, Rule] = {
     "optim.b1": number(0, 1, open_high=True),
     "optim.b2": number(0, 1, open_high=True),
     "optim.weight_decay": number(0),
+    "optim.exempt_encoder_norms": BOOL,
+    "optim.layer_decay": number(0, 1, open_low=True),
     "optim.warmup_steps": NON_NEGATIVE,
     "optim.warmup_ratio": PROBABILITY,
     "optim.poly_power": number(0),
@@ -465,6 +531,16 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
             continue
         if not rule.accepts(value):
             problems.append(f"config.{key}={value!r}: expected {rule.expected}")
+    if config.optim.layer_decay != 1.0 and config.model.encoder.type != "vit":
+        problems.append(
+            f"config.optim.layer_decay={config.optim.layer_decay!r} decays the blocks of a ViT encoder; "
+            f"config.model.encoder.type is {config.model.encoder.type!r}: set it to 1.0"
+        )
+    if (config.model.head == "vfm") != (config.model.encoder.type == "vit"):
+        problems.append(
+            f"config.model.head={config.model.head!r} with config.model.encoder.type={config.model.encoder.type!r}: "
+            "the 'vfm' head reads a ViT's patch tokens and a ViT feeds only the 'vfm' head"
+        )
     # HRDA's v2 pseudo-label validity replaces DAFormer's crop rows (HRDA asserts the rows are 0).
     rows = {key: config.uda[key] for key in ("pseudo_ignore_top", "pseudo_ignore_bottom") if config.uda[key]}
     if config.data.pseudo_margins and rows:

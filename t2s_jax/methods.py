@@ -32,6 +32,9 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "mic": (*_DAFORMER, "mic"),  # MIC on the DAFormer host (docs/method.md §6)
     "t2s_mic": (*_DAFORMER, "pull", "mic"),  # T2S-DA w/ MIC
     "masktwins": (*_DAFORMER, "masktwins"),  # MaskTwins on the DAFormer host (docs/method.md §7)
+    # VFM-UDA (docs/hosts.md): DACS self-training and a masked target pass, no feature distance.
+    "vfm_uda": ("source", "dacs", "mic"),
+    "t2s_vfm_uda": ("source", "dacs", "pull", "mic"),  # T2S-DA w/ VFM-UDA
 }
 # Presets trained without any target image.
 TARGET_FREE = ("source_only", "dg")

@@ -76,6 +76,7 @@ def initial_train_state(
     )
 
 
+MIRRORED_TARGET = "target_mirrored"  # the teacher's view of the mirrored target (`uda.teacher_flip`)
 STEP = "step"  # owner name of the step's own random streams and metrics
 # Metrics the step logs itself; no term may log these names.
 STEP_METRICS = ("loss", "learning_rate", "grad_norm", "pseudo_quality", "pseudo_label_accuracy")
@@ -134,6 +135,13 @@ def _with_model(graphdef, params, batch_stats, run: Callable[[nnx.Module], Any])
     return run(model), nnx.state(model, nnx.BatchStat)
 
 
+def flip_averaged_logits(logits: jax.Array, mirrored_logits: jax.Array) -> jax.Array:
+    """Logits whose softmax is the mean of the softmax of `logits` and of the mirror view's,
+    flipped back (VFM-UDA's flip test-time augmentation of the teacher)."""
+    probabilities = jax.nn.softmax(logits, -1) + jax.nn.softmax(mirrored_logits[:, :, ::-1], -1)
+    return jnp.log(0.5 * probabilities)
+
+
 def _pseudo_label_accuracy(pseudo_label: jax.Array, target_label: jax.Array) -> jax.Array:
     """Monitoring only: agreement of pseudo-labels with the target labels where those exist."""
     target_label = target_label.astype(jnp.int32)
@@ -161,6 +169,9 @@ def make_train_step(
     student_projection = any(term.student_projection for term in terms)
     needs_pseudo_labels = any(term.needs_pseudo_labels for term in terms)
     uda = config.uda
+    teacher_flip = bool(uda.get("teacher_flip", False))
+    if teacher_flip and needs_pseudo_labels:
+        teacher_views = (*teacher_views, MIRRORED_TARGET)
 
     def teacher_forward(teacher_params, teacher_batch_stats, views, with_projection):
         """Dropout and stochastic depth off, BN on the batch's own statistics, no gradient."""
@@ -186,6 +197,8 @@ def make_train_step(
             batch = term.transform_batch(batch)
         source_image, target_image = batch["source_image"], batch.get("target_image")
         images = {"source": source_image, "target": target_image}
+        if MIRRORED_TARGET in teacher_views:
+            images[MIRRORED_TARGET] = target_image[:, :, ::-1]
 
         teacher: dict[str, SegmentorOutput] = {}
         teacher_batch_stats = state.teacher_batch_stats
@@ -197,9 +210,11 @@ def make_train_step(
         pseudo = None
         target_valid = batch.get("target_valid")
         if needs_pseudo_labels:
-            logits = teacher["target"].logits
+            logits = resize_bilinear(teacher["target"].logits, target_image.shape[1:3])
+            if teacher_flip:
+                logits = flip_averaged_logits(logits, resize_bilinear(teacher[MIRRORED_TARGET].logits, target_image.shape[1:3]))
             pseudo = PseudoLabels(*pseudo_labels.pseudo_labels(
-                resize_bilinear(logits, target_image.shape[1:3]),
+                logits,
                 threshold=uda.pseudo_threshold, ignore_top=uda.pseudo_ignore_top,
                 ignore_bottom=uda.pseudo_ignore_bottom, valid=target_valid,
             ))  # fmt: skip

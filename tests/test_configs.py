@@ -1,8 +1,8 @@
 """Every (config, method) of configs/ trains and evaluates through what `python -m t2s_jax.main`
-runs (`main.run`), on 2 of the 8 fake devices (DeepLab-V2: GTA5 on 4, SYNTHIA on 1), and each
-method's run resumes from its checkpoint: the code path a user runs, shrunk by overrides (tiny
-MiT or ResNet, 64x64 crops, datasets in the published layouts, ImageNet weights in the mmseg /
-mmcv key layouts)."""
+runs (`main.run`), on 2 of the 8 fake devices (DeepLab-V2 and the ViT host: GTA5 on 4, SYNTHIA
+on 1), and each method's run resumes from its checkpoint: the code path a user runs, shrunk by
+overrides (tiny MiT, ResNet or ViT, 64x64 crops, datasets in the published layouts, pretrained
+weights in the mmseg / mmcv / torch.hub key layouts)."""
 
 import json
 import os
@@ -14,12 +14,13 @@ import torch
 from transformers import SegformerConfig, SegformerModel
 
 from data_pipelines import prepare
-from t2s_jax import checkpointing, main
+from t2s_jax import checkpointing, main, methods
 from t2s_jax.training import eval_mode
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dataset_trees  # noqa: E402
 import test_resnet  # noqa: E402
+import test_vit  # noqa: E402
 import test_weights  # noqa: E402
 import tiny  # noqa: E402
 from test_config_schema import benchmark_pairs, load  # noqa: E402
@@ -39,6 +40,8 @@ RESUMES = {("gta_cs_daformer.py", "t2s_mic"), ("gta_cs_daformer.py", "dg"), ("gt
 
 _ENCODER = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
 _RESNET = dict(depths=(1, 1, 1, 1), base_widths=(8, 16, 32, 64), stem_channels=16)
+# A 2-block ViT/14 pre-trained at 56^2 (4x4 positions): 64^2 crops resize to 70, 5x5 tokens.
+_VIT = dict(embed_dim=32, depth=2, num_heads=2, pretrain_size=56)
 
 
 def _tiny_overrides(data_dir: str, pretrained: str) -> dict:
@@ -69,6 +72,21 @@ _HRDA_OVERRIDES = {
 }  # fmt: skip
 
 
+# The ViT configs' geometry divided by 16: the 64/32 evaluation slide, margins (30, 256, 61, 61) / 16.
+_VFM_OVERRIDES = {
+    "eval.slide_crop_hw": (64, 64), "eval.slide_stride_hw": (32, 32), "data.pseudo_margins": (2, 16, 4, 4),
+}  # fmt: skip
+
+
+def _encoder_overrides(overrides: dict, encoder: dict, pretrained: str, on_4: bool) -> dict:
+    """`overrides` for another tiny encoder: each method on 4 devices (GTA5) or on 1 (SYNTHIA)."""
+    overrides = {key: value for key, value in overrides.items() if not key.startswith("model.encoder.")}
+    overrides.update({f"model.encoder.{key}": value for key, value in encoder.items()})
+    overrides.update({"model.pretrained": pretrained, "num_devices": 4 if on_4 else 1,
+                      "data.batch_size": 4 if on_4 else 2})  # fmt: skip
+    return overrides
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Tiny GTA5, SYNTHIA and Cityscapes trees, prepared; MiT weights of the tiny encoder as a `.pth`."""
@@ -88,7 +106,16 @@ def prepared(tmp_path_factory):
         _RESNET["depths"], _RESNET["base_widths"], stem_channels=_RESNET["stem_channels"], deep_stem=True
     )  # fmt: skip
     test_resnet.save_state_dict(resnet, root / "resnet_v1c.pth")  # mmcv's ResNetV1c layout
+    test_vit.save_hub_checkpoint(root / "dinov2.pth", **_VIT)  # torch.hub's DINOv2 layout
     return root
+
+
+def _demo_superset(config) -> str:
+    """The demo's method whose terms hold every other compared method's: the one a demo test
+    trains (the comparison itself, stopped, resumed and rerun, is tests/test_faults.py's)."""
+    terms = {name: set(methods.term_names(methods.with_method(config, name))) for name in config.compare_methods}
+    (superset,) = [name for name in terms if all(other <= terms[name] for other in terms.values())]
+    return superset
 
 
 def _run(config_name: str, method: str, workdir: str, overrides: dict) -> None:
@@ -110,18 +137,20 @@ def test_config_trains_evaluates_and_resumes(config_name, method, prepared, tmp_
         assert load(config_name, method) == load(*SAME_AS[config_name, method])
         return
     overrides = _tiny_overrides(str(prepared / "tfds"), str(prepared / "mit.pth"))
-    if config_name.startswith("synthetic_demo"):  # its own data; random init, as the demo runs
+    if config_name.startswith("synthetic_demo"):  # its own data, tiny encoder and random init, as the demo runs
+        overrides = {key: value for key, value in overrides.items() if not key.startswith("model.encoder.")}
         del overrides["model.pretrained"]
         overrides.update({"data.data_dir": str(prepared / "synthetic"), "data.source_resize_hw": (128, 256),
-                          "data.target_resize_hw": (128, 256)})
+                          "data.target_resize_hw": (128, 256),
+                          "compare_methods": (_demo_superset(load(config_name, method)),)})
     if "hrda" in config_name:
         overrides.update(_HRDA_OVERRIDES)
+    on_4 = config_name.startswith("gta")
     if "deeplab" in config_name:
-        on_4 = config_name.startswith("gta")  # each method on 4 devices (GTA5) and on 1 (SYNTHIA)
-        overrides = {key: value for key, value in overrides.items() if not key.startswith("model.encoder.")}
-        overrides.update({f"model.encoder.{key}": value for key, value in _RESNET.items()})
-        overrides.update({"model.pretrained": str(prepared / "resnet_v1c.pth"), "num_devices": 4 if on_4 else 1,
-                          "data.batch_size": 4 if on_4 else 2})
+        overrides = _encoder_overrides(overrides, _RESNET, str(prepared / "resnet_v1c.pth"), on_4)
+    if "vfm" in config_name and not config_name.startswith("synthetic_demo"):
+        overrides = _encoder_overrides(overrides, _VIT, str(prepared / "dinov2.pth"), on_4)
+        overrides.update(_VFM_OVERRIDES)
     resumes = (config_name, method) in RESUMES
     if not resumes:
         overrides["train.checkpoint_every"] = 2

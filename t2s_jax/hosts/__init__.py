@@ -8,15 +8,17 @@ HRDA's multi-resolution training and inference. A new host is a new module here.
 
 import ml_collections
 
-from t2s_jax.hosts.base import Host, SingleScaleHost
+from t2s_jax.hosts.base import Host, MaskedTokens, SingleScaleHost
 from t2s_jax.hosts.hrda import HRDAHost, HRDAOutput
 from t2s_jax.models.segmentor import segmentor_output_stride
 
 
 def build_host(config: ml_collections.ConfigDict) -> Host:
     """The host of a run config: HRDA when `config.model.hrda.enabled`, else single-scale."""
+    if config.model.hrda.enabled and config.model.encoder.get("type") == "vit":
+        raise ValueError("config.model.hrda.enabled=True with a ViT encoder: HRDA runs on MiT and ResNet encoders")
     single_scale = SingleScaleHost(segmentor_output_stride(config.model))
     return HRDAHost(config, single_scale) if config.model.hrda.enabled else single_scale
 
 
-__all__ = ["HRDAHost", "HRDAOutput", "Host", "SingleScaleHost", "build_host"]
+__all__ = ["HRDAHost", "HRDAOutput", "Host", "MaskedTokens", "SingleScaleHost", "build_host"]

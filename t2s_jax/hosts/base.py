@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from t2s_jax import losses
 from t2s_jax.models import Segmentor, SegmentorOutput, build_segmentor, stack_passes, unstack_passes
 from t2s_jax.uda import normalize
+
+
+class MaskedTokens(NamedTuple):
+    """A student pass whose ViT patch tokens are partly replaced by the learned mask token
+    (VFM-UDA's masked pass): a term gives this instead of a plain image batch."""
+
+    images: jax.Array  # (B, H, W, 3) float32 0..255
+    token_mask: jax.Array  # (B, num_tokens) bool, True = masked; row-major over the token grid
 
 
 def unstack_outputs(output: SegmentorOutput, names: list[str]) -> dict[str, SegmentorOutput]:
@@ -83,10 +93,21 @@ class SingleScaleHost(Host):
     def __init__(self, output_stride: int = 4):
         self.output_stride = output_stride  # input pixels per logit (`Segmentor.output_stride`)
 
-    def _forward(self, model: Segmentor, passes: Mapping[str, jax.Array], **kwargs) -> dict[str, SegmentorOutput]:
+    def _forward(
+        self, model: Segmentor, passes: Mapping[str, jax.Array | MaskedTokens], **kwargs
+    ) -> dict[str, SegmentorOutput]:
         names = list(passes)
-        images = normalize.normalize(stack_passes([passes[name] for name in names]))
-        return unstack_outputs(model.forward(images, num_batch_groups=len(names), **kwargs), names)
+        masked = {name: passes[name] for name in names if isinstance(passes[name], MaskedTokens)}
+        images = [masked[name].images if name in masked else passes[name] for name in names]
+        if masked:
+            # One mask over the stacked batch: the other passes keep every token.
+            token_masks = [
+                masked[name].token_mask if name in masked else jnp.zeros_like(next(iter(masked.values())).token_mask)
+                for name in names
+            ]
+            kwargs["token_mask"] = stack_passes(token_masks)
+        stacked = normalize.normalize(stack_passes(images))
+        return unstack_outputs(model.forward(stacked, num_batch_groups=len(names), **kwargs), names)
 
     def student_forward(self, model, passes, *, dropout_key, crop_key, with_projection):
         del crop_key

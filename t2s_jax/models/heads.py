@@ -1,13 +1,15 @@
-"""Decode heads on the four encoder stage outputs: DAFormer (separable-ASPP fusion), SegFormer
-(all-MLP) and DeepLab-V2 (summed dilated convs on the last stage).
+"""Decode heads on the encoder stage outputs: DAFormer (separable-ASPP fusion), SegFormer
+(all-MLP), DeepLab-V2 (summed dilated convs on the last stage) and VFM-UDA's light upscaling
+head on a ViT's patch tokens.
 
 Each returns `(logits, feature)`: float32 logits and the feature the classifier reads (the
 T2S-DA projector's default input): the fused stride-4 feature before dropout for DAFormer
-and SegFormer, the last stage output for DeepLab-V2.
+and SegFormer, the last stage output for DeepLab-V2, the last upscaled map for VFM-UDA.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -184,11 +186,77 @@ class DeepLabV2Head(nnx.Module):
         return logits, feature
 
 
+def _torch_default_uniform(fan_in: int) -> jax.nn.initializers.Initializer:
+    """PyTorch's default conv initialisation (kaiming_uniform with a = sqrt(5)): U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class TransposedConv2x2(nnx.Module):
+    """PyTorch `ConvTranspose2d(k=2, s=2, bias=False)` as an einsum: each input pixel writes its
+    own 2x2 output block, y[2i+a, 2j+c, o] = sum_k x[i, j, k] W[a, c, k, o]."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        # PyTorch reads the fan-in of a transposed conv weight [in, out, 2, 2] from `out`.
+        init = _torch_default_uniform(out_channels * 4)
+        self.kernel = nnx.Param(init(rngs.params(), (2, 2, in_channels, out_channels)))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("bhwk,acko->bhawco", x.astype(self.dtype), self.kernel.value.astype(self.dtype))
+        b, h, _, w, _, o = y.shape
+        return y.reshape(b, 2 * h, 2 * w, o)
+
+
+class VFMHead(nnx.Module):
+    """VFM-UDA's light head (tue-mps/vfm-uda `VITLightweightHead`) on the last ViT layer's patch
+    tokens (B, h, w, D): 2x transposed conv to D/2, LayerNorm, GELU, 2x transposed conv to D/4,
+    LayerNorm, 3x3 conv, LayerNorm, then a 1x1 classifier without bias, N(0, 0.1^2): logits at
+    4x the token grid (the loss and evaluation upsample them to the crop). The LayerNorms are
+    timm's LayerNorm2d (eps 1e-6 over channels); the convs have PyTorch's default init and no
+    bias. No BatchNorm and no dropout: those arguments are the head interface's."""
+
+    def __init__(self, in_channels: Sequence[int], *, num_classes: int, dtype: jnp.dtype, rngs: nnx.Rngs):
+        dim = in_channels[-1]
+        half, quarter = dim // 2, dim // 4
+        norm = dict(epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.upscale_1 = TransposedConv2x2(dim, half, dtype=dtype, rngs=rngs)
+        self.norm_1 = nnx.LayerNorm(half, **norm)
+        self.upscale_2 = TransposedConv2x2(half, quarter, dtype=dtype, rngs=rngs)
+        self.norm_2 = nnx.LayerNorm(quarter, **norm)
+        self.conv = nnx.Conv(
+            quarter, quarter, (3, 3), padding=1, use_bias=False,
+            kernel_init=_torch_default_uniform(quarter * 9), dtype=dtype, rngs=rngs,
+        )  # fmt: skip
+        self.norm_3 = nnx.LayerNorm(quarter, **norm)
+        self.classifier = nnx.Conv(
+            quarter, num_classes, (1, 1), use_bias=False,
+            kernel_init=jax.nn.initializers.normal(stddev=0.1), dtype=dtype, rngs=rngs,
+        )  # fmt: skip
+        self.feature_channels = quarter
+
+    def __call__(
+        self,
+        features: Sequence[jax.Array],
+        *,
+        use_batch_stats: bool,
+        num_batch_groups: int = 1,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        del use_batch_stats, num_batch_groups, dropout_key
+        x = jax.nn.gelu(self.norm_1(self.upscale_1(features[-1])), approximate=False)
+        x = self.norm_2(self.upscale_2(x))
+        feature = self.norm_3(self.conv(x))
+        return self.classifier(feature).astype(jnp.float32), feature
+
+
 def build_head(
     model_config: ml_collections.ConfigDict, in_channels: Sequence[int], *, dtype: jnp.dtype, rngs: nnx.Rngs
-) -> DAFormerHead | SegFormerHead | DeepLabV2Head:
+) -> DAFormerHead | SegFormerHead | DeepLabV2Head | VFMHead:
     """The decode head `config.model.head` names, on encoder stages of `in_channels`."""
     num_classes = int(model_config.num_classes)
+    if model_config.head == "vfm":
+        return VFMHead(in_channels, num_classes=num_classes, dtype=dtype, rngs=rngs)
     if model_config.head == "deeplabv2":
         return DeepLabV2Head(in_channels, num_classes=num_classes, dilations=tuple(model_config.aspp_dilations), dtype=dtype, rngs=rngs)
     common = dict(
@@ -204,4 +272,4 @@ def build_head(
         return DAFormerHead(in_channels, aspp_dilations=tuple(model_config.aspp_dilations), **common)
     if model_config.head == "segformer":
         return SegFormerHead(in_channels, **common)
-    raise ValueError(f"unknown head {model_config.head!r}; expected 'daformer', 'segformer' or 'deeplabv2'")
+    raise ValueError(f"unknown head {model_config.head!r}; expected 'daformer', 'segformer', 'deeplabv2' or 'vfm'")

@@ -1,4 +1,4 @@
-"""The segmentor: encoder (MiT or ResNet) + decode head (+ T2S-DA projector, + HRDA scale
+"""The segmentor: encoder (MiT, ResNet or ViT) + decode head (+ T2S-DA projector, + HRDA scale
 attention), built from `config.model`.
 
 State is only `nnx.Param` and `nnx.BatchStat`; randomness (stochastic depth, channel
@@ -36,7 +36,7 @@ class SegmentorOutput:
 
 
 class Segmentor(nnx.Module):
-    """`.encoder` (MiT or ResNet), `.head` (DAFormer, SegFormer or DeepLab-V2), `.projector` (None
+    """`.encoder` (MiT, ResNet or ViT), `.head` (DAFormer, SegFormer, DeepLab-V2 or VFM-UDA's), `.projector` (None
     unless enabled), `.attention_head` (HRDA scale attention; None unless `model.hrda.enabled`)."""
 
     def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -82,6 +82,7 @@ class Segmentor(nnx.Module):
         dropout_key: jax.Array | None = None,
         with_projection: bool = False,
         with_attention: bool = False,
+        token_mask: jax.Array | None = None,
     ) -> SegmentorOutput:
         """Run the model.
 
@@ -94,6 +95,7 @@ class Segmentor(nnx.Module):
         with_projection: also run the projector.
         with_attention: also run the HRDA scale-attention head on the same encoder features
             (this pass is then the context pass).
+        token_mask: (B, num_tokens) bool, patch tokens a ViT encoder replaces by its mask token.
         """
         if train and dropout_key is None:
             raise ValueError("Segmentor.forward(train=True) needs a dropout_key for stochastic depth and dropout")
@@ -106,7 +108,8 @@ class Segmentor(nnx.Module):
         if train:
             encoder_key, head_key = jax.random.split(dropout_key)
         bn = dict(use_batch_stats=use_batch_stats, num_batch_groups=num_batch_groups)
-        features = self.encoder(images, dropout_key=encoder_key, **bn)
+        masking = {} if token_mask is None else dict(token_mask=token_mask)
+        features = self.encoder(images, dropout_key=encoder_key, **bn, **masking)
         run = functools.partial(self._run_head, use_batch_stats=use_batch_stats, num_batch_groups=num_batch_groups)
         logits, fused = run(self.head, features, head_key)
         projection = None
@@ -155,10 +158,13 @@ def build_segmentor(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) 
     return Segmentor(model_config, rngs=rngs)
 
 
-def segmentor_output_stride(model_config: ml_collections.ConfigDict) -> int:
+def segmentor_output_stride(model_config: ml_collections.ConfigDict) -> float:
     """Input pixels per logit of the segmentor `config.model` describes: the stride-4 fusion of
-    the MiT-style heads, the last stage's stride for DeepLab-V2."""
+    the MiT-style heads, the last stage's stride for DeepLab-V2, a quarter of the ViT patch
+    (of the resized input) for VFM-UDA's head."""
     strides = encoders.output_strides(model_config.encoder)
+    if model_config.head == "vfm":
+        return strides[-1] / 4
     return strides[-1] if model_config.head == "deeplabv2" else strides[0]
 
 

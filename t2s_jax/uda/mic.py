@@ -16,6 +16,10 @@ jitter coin and one blur coin per batch, per-image jitter factors, one op order 
 blur sigma per batch: one kornia call over the batch), applied before masking so mask
 edges stay sharp. The CE covers every pixel, masked or not, mean over all N*H*W.
 
+`mic.mask_type` 'token' masks a ViT's patch tokens instead of pixel blocks (VFM-UDA): each
+token independently with probability `mic.ratio`, replaced by the encoder's learned mask token
+before the position embedding (`hosts.MaskedTokens`); the images themselves stay whole.
+
 Teacher and weights: by default the host's pseudo-labels and weights. `mic.pseudo_weighting`
 'threshold' re-weights them (q recomputed from the same teacher confidences with
 `mic.pseudo_threshold`); 'none' = no confidence weight, only the ignored crop rows. A
@@ -34,12 +38,15 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from t2s_jax.hosts import MaskedTokens
 from t2s_jax.models import SegmentorOutput, resize_bilinear
+from t2s_jax.models.vit import token_grid_hw
 from t2s_jax.uda import augment, ema, masking, pseudo_labels
 from t2s_jax.uda.term import Losses, Metrics, PseudoLabels, StepContext, Term
 
 MODES = ("separatetrgaug", "separatetrg", "separatesrcaug", "separatesrc", "separateaug", "separate")
 WEIGHTINGS = ("host", "threshold", "none")
+MASK_TYPES = ("block", "token")
 MASKED_PASS = "masked"
 
 
@@ -49,8 +56,11 @@ def default_options() -> ml_collections.ConfigDict:
     # Images masked: 'separatetrgaug' (target, colour-augmented) | 'separatetrg' | 'separatesrcaug'
     # | 'separatesrc' | 'separateaug' | 'separate' (source[0] + target[0], needs batch_size 2).
     mic.mode = "separatetrgaug"
+    # 'block': pixel blocks set to the mean colour (MIC) | 'token': ViT patch tokens replaced by
+    # the mask token (VFM-UDA; needs config.model.encoder.type='vit')
+    mic.mask_type = "block"
     mic.block_size = 32  # mask block side in pixels: 32 at 512^2 crops (DAFormer host), 64 at 1024^2 (HRDA)
-    mic.ratio = 0.7  # share of blocks masked (a block is kept iff U > ratio)
+    mic.ratio = 0.7  # share of blocks (tokens) masked: a block is kept iff U > ratio
     mic.weight = 1.0  # lambda_MIC
     # None = the host's EMA teacher; an EMA alpha (e.g. 0.0 = the current student, the "w/o EMA
     # teacher" ablation) = a separate EMA teacher, as the original builds one.
@@ -101,6 +111,15 @@ class MicTerm(Term):
             raise ValueError(f"config.mic.mode={mic.mode!r}; expected one of {MODES}")
         self.mic = mic
         self.uda = config.uda
+        self.mask_type = mic.get("mask_type", "block")
+        if self.mask_type not in MASK_TYPES:
+            raise ValueError(f"config.mic.mask_type={self.mask_type!r}; expected one of {MASK_TYPES}")
+        if self.mask_type == "token" and config.model.encoder.get("type") != "vit":
+            raise ValueError(
+                f"config.mic.mask_type='token' masks the patch tokens of a ViT encoder; config.model.encoder.type "
+                f"is {config.model.encoder.get('type', 'mit')!r}: use mic.mask_type='block'"
+            )
+        self.encoder_config = config.model.encoder
         self.uses_target = "src" not in mic.mode
         self.needs_target = self.uses_target
         self.needs_pseudo_labels = self.uses_target
@@ -168,6 +187,10 @@ class MicTerm(Term):
         images, targets = self._images_and_targets(context)
         if self.mic.mode.endswith("aug"):
             images = mic_augment(context.keys["augment"], images, self.uda)
+        if self.mask_type == "token":
+            grid_h, grid_w = token_grid_hw(self.encoder_config, images.shape[1:3])
+            token_mask = jax.random.uniform(context.keys["mask"], (images.shape[0], grid_h * grid_w)) < self.mic.ratio
+            return {MASKED_PASS: MaskedTokens(images, token_mask)}, targets
         keep = masking.block_masks(
             context.keys["mask"], images.shape[0], images.shape[1:3], int(self.mic.block_size), float(self.mic.ratio)
         )
