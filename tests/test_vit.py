@@ -145,7 +145,8 @@ def test_hf_parity_at_pretrain_size_scanned_and_unscanned(tmp_path):
         summary = load_pretrained_encoder(model, tmp_path / "hf")
         assert summary.loaded_values == summary.parameter_count
     reference = _hf_tokens(hf, images)
-    _assert_close(_tokens(scanned, images), reference)
+    jitted = nnx.jit(lambda model, images: model(images)[0])  # as the steps call it
+    _assert_close(np.asarray(jitted(scanned, jnp.asarray(images))), reference)
     np.testing.assert_allclose(_tokens(unrolled, images), _tokens(scanned, images), atol=1e-5)
     # The token mask is transformers' bool_masked_pos.
     _assert_close(_tokens(scanned, images, mask), _hf_tokens(hf, images, mask=mask))
@@ -238,18 +239,25 @@ def test_pos_resampling_keeps_the_pretrained_grid_and_differs_from_jax_cubic():
     assert np.abs(np.asarray(vit_lib.resample_pos_grid(grid, (9, 9), "size") - jax_cubic)).max() > 1e-2
 
 
-def test_pos_embed_gradient_flows_through_the_interpolation():
-    model = _vit()
+def _pos_embed_gradient(model, images) -> np.ndarray:
     graphdef, params = nnx.split(model, nnx.Param)
-    images = jnp.asarray(_images((LARGE, 70), batch=1))
 
     def loss(params):
         (tokens,) = nnx.merge(graphdef, params)(images)
         return jnp.sum(tokens * jnp.arange(DIM))
 
-    grad = np.asarray(jax.grad(loss)(params)["pos_embed"][...])[0]
+    return np.asarray(jax.grad(loss)(params)["pos_embed"][...])[0]
+
+
+def test_pos_embed_gradient_flows_through_the_interpolation_with_and_without_remat():
+    images = jnp.asarray(_images((LARGE, 70), batch=1))
+    grad = _pos_embed_gradient(_vit(), images)
     assert np.all(np.abs(grad[1:]).sum(-1) > 0)  # every pretrained grid entry reaches the output
     assert np.abs(grad[0]).sum() > 0
+    model_config = config_lib.default_config().model
+    model_config.dtype, model_config.scan_blocks, model_config.remat = "float32", True, "full"
+    rematerialised = vit_lib.build_vit(_encoder_config(), model_config, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(_pos_embed_gradient(rematerialised, images), grad, rtol=1e-5, atol=1e-6)
 
 
 def test_drop_path_only_with_a_key_and_a_rate():
@@ -274,6 +282,11 @@ def test_config_keys_reach_the_model():
     assert vit_lib.output_strides(_encoder_config(patch_size=7)) == (7,)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         model(jnp.zeros((1, 28, 30, 3)))
+    model_config = config_lib.default_config().model
+    model_config.dtype = "bfloat16"
+    half = vit_lib.build_vit(_encoder_config(), model_config, rngs=nnx.Rngs(0))
+    assert half(jnp.zeros((1, PRETRAIN, PRETRAIN, 3)))[0].dtype == jnp.bfloat16
+    assert half.pos_embed[...].dtype == jnp.float32  # parameters stay float32
 
 
 def test_presets_match_dinov2_sizes():

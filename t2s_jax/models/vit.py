@@ -277,9 +277,11 @@ def _apply_block(
 def _torch_conv_default_init(fan_in: int):
     """PyTorch's Conv2d default (kaiming_uniform a=sqrt(5), i.e. U(+-1/sqrt(fan_in))), weight and bias."""
     bound = 1.0 / math.sqrt(fan_in)
-    kernel = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-    bias = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
-    return kernel, bias
+
+    def bias(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), bias
 
 
 class ViT(nnx.Module):
