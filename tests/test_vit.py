@@ -297,7 +297,8 @@ def test_presets_match_dinov2_sizes():
         p.numel() for p in reference.parameters()
     )
     giant = nnx.eval_shape(lambda: _vit_preset("g"))
-    assert giant.blocks.mlp.w12.kernel.shape == (40, 1536, 2 * 4096) and giant.blocks.attn.qkv.kernel.shape == (40, 1536, 4608)
+    assert giant.blocks.mlp.w12.kernel.shape == (40, 1536, 2 * 4096)  # DINOv2's SwiGLU hidden 4096
+    assert giant.blocks.attn.qkv.kernel.shape == (40, 1536, 3 * 1536)
     assert vit_lib.vit_config("l").embed_dim == 1024 and vit_lib.vit_config("b").num_heads == 12
 
 

@@ -132,16 +132,25 @@ def _antialiased_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
+def check_pos_interpolation(mode: str) -> str:
+    """`mode` if it names one of POS_INTERPOLATIONS."""
+    if mode not in POS_INTERPOLATIONS:
+        raise ValueError(
+            f"unknown config.model.encoder.pos_interpolation {mode!r}; expected one of {POS_INTERPOLATIONS}"
+        )
+    return mode
+
+
 def pos_resampling_matrix(grid: int, out_size: int, mode: str) -> np.ndarray:
     """(out_size, grid) float32 matrix resampling a `grid`-long position axis to `out_size` as
     `mode` (POS_INTERPOLATIONS) does it in PyTorch."""
-    if mode == "hub":  # interpolate(scale_factor=(out + 0.1) / grid): PyTorch reads with 1 / scale_factor
-        return _bicubic_matrix(grid, out_size, 1.0 / ((out_size + HUB_INTERPOLATE_OFFSET) / grid)).astype(np.float32)
+    if check_pos_interpolation(mode) == "hub":
+        # interpolate(scale_factor=(out + 0.1) / grid): PyTorch reads the source with 1 / scale_factor.
+        scale_factor = (out_size + HUB_INTERPOLATE_OFFSET) / grid
+        return _bicubic_matrix(grid, out_size, 1.0 / scale_factor).astype(np.float32)
     if mode == "size":
         return _bicubic_matrix(grid, out_size, grid / out_size).astype(np.float32)
-    if mode == "size_antialias":
-        return _antialiased_bicubic_matrix(grid, out_size).astype(np.float32)
-    raise ValueError(f"unknown config.model.encoder.pos_interpolation {mode!r}; expected one of {POS_INTERPOLATIONS}")
+    return _antialiased_bicubic_matrix(grid, out_size).astype(np.float32)
 
 
 def resample_pos_grid(grid: jax.Array, out_hw: tuple[int, int], mode: str) -> jax.Array:
@@ -310,10 +319,6 @@ class ViT(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if pos_interpolation not in POS_INTERPOLATIONS:
-            raise ValueError(
-                f"unknown config.model.encoder.pos_interpolation {pos_interpolation!r}; expected one of {POS_INTERPOLATIONS}"
-            )
         if pretrain_size % patch_size:
             raise ValueError(f"pretrain_size {pretrain_size} is not a multiple of patch_size {patch_size}")
         self.embed_dims = (embed_dim,)
@@ -321,7 +326,7 @@ class ViT(nnx.Module):
         self.ffn = ffn
         self.patch_size = patch_size
         self.pretrain_grid = pretrain_size // patch_size
-        self.pos_interpolation = pos_interpolation
+        self.pos_interpolation = check_pos_interpolation(pos_interpolation)
         fan_in = in_channels * patch_size * patch_size
         kernel_init, bias_init = _torch_conv_default_init(fan_in)
         self.patch_embed = nnx.Conv(
@@ -395,13 +400,17 @@ class ViT(nnx.Module):
         x = self.patch_embed(images).reshape(batch, grid_hw[0] * grid_hw[1], -1)
         if token_mask is not None:
             if token_mask.shape != x.shape[:2]:
-                raise ValueError(f"token_mask of shape {token_mask.shape}; expected {x.shape[:2]} (batch, patch tokens)")
+                raise ValueError(
+                    f"token_mask of shape {token_mask.shape}; expected {x.shape[:2]} (batch, patch tokens)"
+                )
             x = jnp.where(token_mask[..., None], self.mask_token[...].astype(x.dtype), x)
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (batch, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embedding(grid_hw).astype(x.dtype)
         if self.register_tokens is None:
             return x
-        registers = jnp.broadcast_to(self.register_tokens[...].astype(x.dtype), (batch, self.num_register_tokens, x.shape[-1]))
+        registers = jnp.broadcast_to(
+            self.register_tokens[...].astype(x.dtype), (batch, self.num_register_tokens, x.shape[-1])
+        )
         return jnp.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)
 
     def __call__(

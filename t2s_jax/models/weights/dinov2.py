@@ -26,7 +26,9 @@ from t2s_jax.models.weights.errors import WeightsError, listing
 from t2s_jax.models.weights.loading import LoadSummary, load_variables
 from t2s_jax.models.weights.reading import read_checkpoint
 
-HUB_LAYOUT = "the torch.hub DINOv2 layout (cls_token, pos_embed, patch_embed.proj.weight, blocks.N.attn.qkv.weight, ...)"
+HUB_LAYOUT = (
+    "the torch.hub DINOv2 layout (cls_token, pos_embed, patch_embed.proj.weight, blocks.N.attn.qkv.weight, ...)"
+)
 HF_LAYOUT = "a Hugging Face Dinov2Model (embeddings.patch_embeddings.projection.weight, encoder.layer.N.*, ...)"
 
 # The key that marks each layout, and the prefixes it may come under: a whole model of
@@ -84,9 +86,9 @@ def _hf_key_to_hub(key: str) -> str:
         return _HF_EMBEDDINGS[key.removeprefix("embeddings.")]
     if m := re.fullmatch(r"layernorm\.(weight|bias)", key):
         return f"norm.{m[1]}"
-    if m := re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)", key):
-        if m[2] in _HF_LAYER_MODULES:
-            return f"blocks.{m[1]}.{_HF_LAYER_MODULES[m[2]]}.{'gamma' if m[3] == 'lambda1' else m[3]}"
+    m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)", key)
+    if m and m[2] in _HF_LAYER_MODULES:
+        return f"blocks.{m[1]}.{_HF_LAYER_MODULES[m[2]]}.{'gamma' if m[3] == 'lambda1' else m[3]}"
     return key
 
 
