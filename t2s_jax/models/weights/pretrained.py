@@ -11,7 +11,9 @@ import ml_collections
 from t2s_jax.models.mit import MiT
 from t2s_jax.models.resnet import ResNet
 from t2s_jax.models.segmentor import Segmentor
+from t2s_jax.models.vit import ViT
 from t2s_jax.models.weights import converted, hf, layouts
+from t2s_jax.models.weights.dinov2 import load_dinov2_pretrained
 from t2s_jax.models.weights.errors import WeightsError
 from t2s_jax.models.weights.loading import LoadSummary, load_variables
 from t2s_jax.models.weights.reading import read_checkpoint
@@ -23,11 +25,14 @@ _SEGMENTOR_ACCEPTED = (
 )
 
 
-def load_pretrained_encoder(model: MiT | ResNet | Segmentor, path: str | Path, *, strict: bool = True) -> LoadSummary:
-    """Load encoder weights into `model` (a MiT, a ResNet or a Segmentor's encoder) in place.
+def load_pretrained_encoder(
+    model: MiT | ResNet | ViT | Segmentor, path: str | Path, *, strict: bool = True
+) -> LoadSummary:
+    """Load encoder weights into `model` (a MiT, a ResNet, a ViT or a Segmentor's encoder) in place.
 
     A ResNet takes a PyTorch file in the mmcv ResNetV1c or torchvision layout
-    (`load_resnet_pretrained`). For a MiT:
+    (`load_resnet_pretrained`); a ViT a torch.hub DINOv2 state dict or a Hugging Face DINOv2
+    directory or file (`load_dinov2_pretrained`). For a MiT:
 
     `path`: a `.pth`/`.pt`/`.bin` PyTorch file (SegFormer/mmseg layout, optionally under
     `state_dict` and/or with a `backbone.` prefix, or a Hugging Face state dict), a
@@ -39,8 +44,10 @@ def load_pretrained_encoder(model: MiT | ResNet | Segmentor, path: str | Path, *
     encoder = model.encoder if isinstance(model, Segmentor) else model
     if isinstance(encoder, ResNet):
         return load_resnet_pretrained(encoder, path, strict=strict)
+    if isinstance(encoder, ViT):
+        return load_dinov2_pretrained(encoder, path, strict=strict)
     if not isinstance(encoder, MiT):
-        raise TypeError(f"expected a MiT, a ResNet or a Segmentor, got {type(model).__name__}")
+        raise TypeError(f"expected a MiT, a ResNet, a ViT or a Segmentor, got {type(model).__name__}")
     source, tensors = read_checkpoint(path)
     summary = load_variables(
         encoder,
