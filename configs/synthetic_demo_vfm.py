@@ -2,8 +2,9 @@
 
 `python -m t2s_jax.main --config=configs/synthetic_demo_vfm.py --workdir=runs/demo_vfm` trains
 `vfm_uda` and `t2s_vfm_uda` one after the other, as configs/synthetic_demo.py trains its
-methods: the same data, schedule and learning rates, with a tiny ViT/14 from random init
-(4 blocks of width 64; the 128^2 crops resized to 140, 10x10 tokens) and VFM-UDA's recipe
+methods: the same data, schedule and learning rates, with a tiny DINOv2-style ViT from random
+init (4 blocks of width 64, patch 8: the 128^2 crops resized to 136, 17x17 tokens; patch 14
+gives 10x10 tokens, too coarse for 128^2 crops) and VFM-UDA's recipe
 (the upscaling head, the flip-averaged teacher, token masking, no feature distance), evaluated
 with 128^2 windows at stride 64.
 """
@@ -16,7 +17,7 @@ def get_config():
     config = benchmarks.synthetic_demo()
     config.compare_methods = ("vfm_uda", "t2s_vfm_uda")
     # Random init: the position grid is the resized crop's, so nothing is interpolated.
-    config.model.encoder = vit_config("s", embed_dim=64, depth=4, num_heads=2, pretrain_size=140)
+    config.model.encoder = vit_config("s", embed_dim=64, depth=4, num_heads=2, patch_size=8, pretrain_size=136)
     benchmarks.apply_vfm_recipe(config)
     config.eval.slide_crop_hw = (128, 128)
     config.eval.slide_stride_hw = (64, 64)

@@ -151,10 +151,14 @@ def vfm_host(source: str, method: str, targets: Mapping[str, str], variant: str 
     `method` one of `targets`."""
     _check_method(method, targets)
     if variant not in DINOV2_WEIGHTS:
-        raise ConfigError(f"unknown ViT variant {variant!r} for this config; expected one of {', '.join(DINOV2_WEIGHTS)}")
+        choices = ", ".join(DINOV2_WEIGHTS)
+        raise ConfigError(f"unknown ViT variant {variant!r} for this config; expected one of {choices}")
     config = default_config()
     config.model.encoder = vit_config(variant)
     config.model.pretrained = DINOV2_WEIGHTS[variant]
+    # 6401 tokens: full attention scores would be 1.3 GB per image and layer (ViT-L); chunked
+    # queries bound them on any backend ('cudnn' is the fused alternative on a GPU).
+    config.model.attention_impl = "chunked"
     apply_vfm_recipe(config)
     data = config.data
     data.source = source

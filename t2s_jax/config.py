@@ -194,7 +194,9 @@ def default_config() -> ml_collections.ConfigDict:
     # channel-dropout draws differ), so the backward pass holds one pass's head activations at
     # a time, not those of every pass of the step.
     model.head_per_pass = False
-    # jax.nn.dot_product_attention implementation: '' (let XLA choose) | 'xla' | 'cudnn'
+    # jax.nn.dot_product_attention implementation: '' (let XLA choose) | 'xla' | 'cudnn' |
+    # 'chunked' (queries in chunks, each recomputed in the backward pass: bounded memory on any
+    # backend, models/layers.py)
     model.attention_impl = ""
     # ImageNet weights for the encoder, '' = random init. MiT: a mmseg `.pth` or a Hugging Face
     # directory; ResNet: a mmcv (resnet101_v1c) or torchvision `.pth`.
@@ -365,7 +367,7 @@ RESNET_STEMS = ("deep", "7x7")
 PROJECTOR_INPUTS = ("decoder", "encoder")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("", "xla", "cudnn")
+ATTENTION_IMPLS = ("", "xla", "cudnn", "chunked")
 EVAL_MODES = ("whole", "slide")
 
 # The keys of `model.encoder` beyond its `type`, per type.

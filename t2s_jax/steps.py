@@ -212,7 +212,8 @@ def make_train_step(
         if needs_pseudo_labels:
             logits = resize_bilinear(teacher["target"].logits, target_image.shape[1:3])
             if teacher_flip:
-                logits = flip_averaged_logits(logits, resize_bilinear(teacher[MIRRORED_TARGET].logits, target_image.shape[1:3]))
+                mirrored = resize_bilinear(teacher[MIRRORED_TARGET].logits, target_image.shape[1:3])
+                logits = flip_averaged_logits(logits, mirrored)
             pseudo = PseudoLabels(*pseudo_labels.pseudo_labels(
                 logits,
                 threshold=uda.pseudo_threshold, ignore_top=uda.pseudo_ignore_top,

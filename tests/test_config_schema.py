@@ -14,7 +14,8 @@ import pytest
 from t2s_jax import benchmarks, config as schema, evaluate, main, methods
 from flax import nnx
 
-from t2s_jax.models import build_segmentor, encoders, layers, mit
+from t2s_jax.models import build_segmentor, encoders, layers, mit, vit
+from t2s_jax.uda import mic
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
@@ -55,9 +56,10 @@ def test_every_key_outside_the_terms_sections_has_a_rule():
     config = schema.default_config()
     keys = {key for key in _leaves(config) if key.split(".")[0] not in TERM_SECTIONS}
     assert keys == set(schema.rules_for(config))
-    config.model.encoder = schema.resnet_config(50)
-    keys = {key for key in _leaves(config) if key.split(".")[0] not in TERM_SECTIONS}
-    assert keys == set(schema.rules_for(config))
+    for encoder in (schema.resnet_config(50), schema.vit_config("b")):
+        config.model.encoder = encoder
+        keys = {key for key in _leaves(config) if key.split(".")[0] not in TERM_SECTIONS}
+        assert keys == set(schema.rules_for(config))
     assert set(schema.ENCODER_RULES) == set(schema.ENCODER_TYPES)
 
 
@@ -70,6 +72,13 @@ def test_the_choices_of_the_rules_are_the_codes():
         assert resnet_model(stem).embed_dims == (256, 512, 1024, 2048)
     with pytest.raises(ValueError, match="config.model.encoder.stem"):
         resnet_model("3x3")
+    assert set(schema.POS_INTERPOLATIONS) == set(vit.POS_INTERPOLATIONS)
+    assert set(schema.SOURCE_LOSS_MEANS) == {"all", "valid"} and set(mic.MASK_TYPES) == {"block", "token"}
+    for ffn in schema.VIT_FFNS:
+        model_config = schema.default_config().model
+        model_config.encoder = schema.vit_config("s", ffn=ffn, depth=1)
+        encoder = nnx.eval_shape(lambda: encoders.build_encoder(model_config.encoder, model_config, rngs=nnx.Rngs(0)))
+        assert encoder.ffn == ffn
     for head in schema.HEADS:
         model_config = schema.default_config().model
         model_config.encoder = schema.mit_config("b0", depths=(1, 1, 1, 1))
@@ -108,7 +117,7 @@ def test_rules_refuse_wrong_types_and_ranges():
     config.compare_seeds = (0, -1)
     assert schema.check(config) == [
         "config.compare_seeds=(0, -1): expected a tuple of integers >= 0, e.g. (0, 1, 2)",
-        "config.model.head='upernet': expected one of 'daformer', 'segformer', 'deeplabv2'",
+        "config.model.head='upernet': expected one of 'daformer', 'segformer', 'deeplabv2', 'vfm'",
         "config.data.crop_hw=(128,): expected a tuple of 2 integers >= 1, e.g. (512, 512) (height, width)",
         "config.data.flip_prob=1.5: expected a number in [0, 1]",
         "config.train.num_steps=0: expected an integer >= 1",
@@ -120,8 +129,16 @@ def test_rules_refuse_wrong_types_and_ranges():
         "config.model.encoder.stem='deep3x3': expected one of 'deep', '7x7'",
         "config.model.encoder.stem_channels=3: expected an even integer >= 2, e.g. 64",
     ]
-    config.model.encoder.type = "vit"
-    assert schema.check(config) == ["config.model.encoder.type='vit': expected one of 'mit', 'resnet'"]
+    config.model.encoder.type = "swin"
+    assert schema.check(config) == ["config.model.encoder.type='swin': expected one of 'mit', 'resnet', 'vit'"]
+    config = schema.default_config()
+    config.model.head = "vfm"
+    config.optim.layer_decay = 0.9
+    assert schema.check(config) == [
+        "config.optim.layer_decay=0.9 decays the blocks of a ViT encoder; config.model.encoder.type is 'mit': set it to 1.0",
+        "config.model.head='vfm' with config.model.encoder.type='mit': the 'vfm' head reads a ViT's patch tokens "
+        "and a ViT feeds only the 'vfm' head",
+    ]
     config = schema.default_config()
     config.model.encoder.type = "resnet"  # a MiT encoder relabelled: its ResNet keys are missing
     assert "config.model.encoder.base_widths is missing for encoder type 'resnet': build the encoder with t2s_jax.config.resnet_config()" in schema.check(config)
@@ -136,25 +153,34 @@ def test_every_config_and_method_loads_and_passes_the_rules(name, method):
         presets, settings = {
             "hrda": (benchmarks.HRDA_PRESETS, benchmarks.HRDA_METHOD_SETTINGS),
             "deeplab": (benchmarks.DEEPLAB_PRESETS, benchmarks.DEEPLAB_METHOD_SETTINGS),
+            "vfm": (benchmarks.VFM_PRESETS, {}),
             "daformer": ({}, benchmarks.METHOD_SETTINGS),
         }[host]
         assert config.method == presets.get(method, method)
         assert config.model.hrda.enabled == (host == "hrda")
-        assert (config.model.encoder.type, config.model.head) == (("resnet", "deeplabv2") if host == "deeplab" else ("mit", "daformer"))
+        expected_model = {"deeplab": ("resnet", "deeplabv2"), "vfm": ("vit", "vfm")}.get(host, ("mit", "daformer"))
+        assert (config.model.encoder.type, config.model.head) == expected_model
         assert not config.data.target if method in methods.TARGET_FREE else config.data.target == "cityscapes"
         for key, value in settings.get(method, {}).items():
             assert schema.value_of(config, key) == value
 
 
 def test_the_benchmarks_offer_every_preset_and_dg_only_the_target_free_ones():
+    # VFM-UDA's presets are MIC without the feature distance, named for the ViT host.
+    vfm_presets = {"vfm_uda", "t2s_vfm_uda"}
     for name in ("gta_cs_daformer.py", "synthia_cs_daformer.py"):
-        assert set(config_module(name).TARGETS) == set(methods.PRESETS), name
+        assert set(config_module(name).TARGETS) == set(methods.PRESETS) - vfm_presets, name
     assert set(config_module("gta_dg_daformer.py").TARGETS) == set(methods.TARGET_FREE)
     for name in ("gta_cs_hrda.py", "synthia_cs_hrda.py"):
         assert set(config_module(name).TARGETS) == {"hrda", "mic", "t2s", "t2s_mic", "masktwins"}, name
     for name in ("gta_cs_deeplab.py", "synthia_cs_deeplab.py"):
         assert set(config_module(name).TARGETS) == {"source_only", "daformer", "t2s", "t2s_mse", "mic"}, name
     assert load("gta_cs_deeplab.py", "t2s_mse").pull.loss == "mse" and load("gta_cs_deeplab.py", "t2s").pull.loss == "infonce"
+    for name in ("gta_cs_vfm.py", "synthia_cs_vfm.py"):
+        assert set(config_module(name).TARGETS) == {"vfm_uda", "t2s"}, name
+        assert load(name, "t2s,l").model.encoder.embed_dim == 1024 and load(name, "t2s").model.encoder.embed_dim == 768
+        with pytest.raises(schema.ConfigError, match="unknown ViT variant 'h'"):
+            load(name, "vfm_uda,h")
     # The default of each file keeps its meaning.
     assert [load(name, "").method for name in ("gta_cs_daformer.py", "synthia_cs_daformer.py", "gta_dg_daformer.py")] == ["t2s", "t2s", "dg"]
 

@@ -10,18 +10,20 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import nnx
 
-from t2s_jax import config as config_lib, losses, optim, steps
-from t2s_jax.models import heads
+from t2s_jax import benchmarks, config as config_lib, hosts, optim, steps
+from t2s_jax.models import heads, layers
+from t2s_jax.training import train_state
+from t2s_jax.uda.mic import MicTerm
 from t2s_jax.uda.source import SourceTerm
 
 sys.path.insert(0, os.path.dirname(__file__))
 import test_masking  # noqa: E402
 import test_steps  # noqa: E402
+import test_vit  # noqa: E402
 
 
 class TorchLayerNorm2d(torch.nn.LayerNorm):
@@ -72,7 +74,8 @@ def test_the_vfm_head_matches_the_pytorch_head():
     np.testing.assert_allclose(feature, expected_feature.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(logits, expected_logits.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-5)
     # The classifier's init is VFM-UDA's N(0, 0.1^2), not mmseg's 0.01.
-    assert 0.07 < float(jnp.std(heads.VFMHead((64,), num_classes=19, dtype=jnp.float32, rngs=nnx.Rngs(1)).classifier.kernel.value)) < 0.13
+    wide = heads.VFMHead((64,), num_classes=19, dtype=jnp.float32, rngs=nnx.Rngs(1))
+    assert 0.07 < float(jnp.std(wide.classifier.kernel.value)) < 0.13
 
 
 def _vit_like_params(scanned: bool, depth: int = 3):
@@ -146,10 +149,83 @@ def test_the_source_loss_is_the_mean_over_all_or_over_valid_pixels(mean_over):
     context = dataclasses.replace(test_masking._context(config, hw=(8, 8)), source_label=labels)
     output = test_masking._output(logits)
     (loss,) = SourceTerm(config).losses(context, {"source": output}, None)[0].values()
-    per_pixel = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.where(labels == 255, 0, labels)[..., None], -1)[..., 0]
+    log_probs = np.asarray(jax.nn.log_softmax(logits))
+    per_pixel = -np.take_along_axis(log_probs, np.where(labels == 255, 0, labels)[..., None], -1)[..., 0]
     valid = np.asarray(labels) != 255
     expected = per_pixel[valid].sum() / (valid.sum() if mean_over == "valid" else valid.size)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="config.uda.source_loss_mean='mean'"):
         config.uda.source_loss_mean = "mean"
         SourceTerm(config)
+
+
+# ------------------------------------------------------------------ token masks and the step
+
+
+def vfm_config(method="t2s_vfm_uda", **overrides):
+    """The tiny demo config with a 2-block ViT/14 (64^2 crops -> 70, 5x5 tokens) and VFM-UDA's recipe."""
+    config = test_steps._config(method, **overrides)
+    config.model.encoder = config_lib.vit_config("s", **test_vit.TINY_SETTINGS)
+    benchmarks.apply_vfm_recipe(config)
+    return config
+
+
+def test_token_masks_cover_the_ratio_of_the_resized_crops_token_grid():
+    config = vfm_config("vfm_uda", **{"mic.mode": "separatetrg"})
+    config.model.encoder = config_lib.vit_config("b")
+    context = test_masking._context(config, batch=2, hw=(1024, 1024))
+    passes, targets = MicTerm(config).prepare(context)
+    masked = passes["masked"]
+    assert isinstance(masked, hosts.MaskedTokens) and masked.token_mask.shape == (2, 80 * 80)  # 1120 / 14
+    np.testing.assert_array_equal(masked.images, context.target_image)  # the pixels stay whole
+    share = float(np.mean(np.asarray(masked.token_mask)))
+    assert abs(share - 0.7) < 4 * np.sqrt(0.7 * 0.3 / masked.token_mask.size)
+    assert np.asarray(masked.token_mask[0] != masked.token_mask[1]).any()  # one draw per image
+    with pytest.raises(ValueError, match="mask_type='token' masks the patch tokens of a ViT"):
+        MicTerm(test_steps._config("mic", **{"mic.mask_type": "token"}))
+
+
+def test_the_host_masks_only_the_masked_pass():
+    config = vfm_config("vfm_uda")
+    host = hosts.build_host(config)
+    model = host.build_model(train_state.model_config_for_run(config), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    images = [jnp.asarray(rng.uniform(0, 255, (2, 64, 64, 3)), jnp.float32) for _ in range(2)]
+    mask = jnp.asarray(rng.uniform(size=(2, 25)) < 0.7)
+    masked = hosts.MaskedTokens(images[1], mask)
+    both = host.teacher_forward(model, {"plain": images[0], "masked": masked}, with_projection=False)
+    alone = host.teacher_forward(model, {"plain": images[0], "masked": images[1]}, with_projection=False)
+    np.testing.assert_allclose(both["plain"].logits, alone["plain"].logits, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(both["masked"].logits, alone["masked"].logits, atol=1e-3)
+
+
+def test_vfm_uda_and_t2s_steps_train_every_term_compile_once_and_4_devices_equal_1():
+    """T2S-DA w/ VFM-UDA: source, ClassMix with the flip-averaged teacher, pulling, token masking."""
+    config = vfm_config(**{"data.batch_size": 4, "pull.num_groups": 4, "uda.pseudo_threshold": 0.0})
+    batches = [test_steps._batch(0, batch_size=4), test_steps._batch(1, batch_size=4)]
+    history, _, cache_size = test_steps._run(config, batches)
+    assert cache_size == 1
+    assert history[0]["loss_mic"] > 0 and history[0]["loss_pull"] > 0 and "loss_fd" not in history[0]
+    assert all(np.isfinite(value) for step in history for value in step.values())
+    on_4, _, _ = test_steps._run(config, batches[:1], num_devices=4)
+    for name, value in history[0].items():
+        rtol = 1e-3 if name == "grad_norm" else 2e-4
+        np.testing.assert_allclose(on_4[0][name], value, rtol=rtol, atol=1e-5, err_msg=name)
+    config.uda.teacher_flip = False  # one teacher pass: other pseudo-labels, another mixed loss
+    single_view, _, _ = test_steps._run(config, batches[:1])
+    assert abs(single_view[0]["loss_mixed"] - history[0]["loss_mixed"]) > 1e-6
+
+
+def test_chunked_attention_equals_attention_in_values_and_gradients():
+    """1100 tokens: two full chunks and a padded one."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 1100, 2, 8)), jnp.float32) for _ in range(3))
+
+    def loss(implementation):
+        return lambda q, k, v: jnp.sum(jnp.sin(layers.dot_product_attention(q, k, v, implementation)))
+
+    np.testing.assert_allclose(
+        layers.dot_product_attention(q, k, v, "chunked"), layers.dot_product_attention(q, k, v, None), rtol=1e-5, atol=1e-6
+    )
+    for chunked, full in zip(jax.grad(loss("chunked"), (0, 1, 2))(q, k, v), jax.grad(loss(None), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(chunked, full, rtol=1e-4, atol=1e-6)

@@ -19,12 +19,13 @@ from t2s_jax.models import vit as vit_lib
 from t2s_jax.models.weights import WeightsError, load_pretrained_encoder
 
 DIM, DEPTH, HEADS, PATCH, PRETRAIN = 32, 2, 2, 14, 56  # a 4 x 4 position grid
+TINY_SETTINGS = dict(embed_dim=DIM, depth=DEPTH, num_heads=HEADS, pretrain_size=PRETRAIN)  # config.model.encoder
 LARGE = 126  # 9 x 9 tokens: the analogue of 1120 (80 x 80) against 518 (37 x 37)
 
 
 def _encoder_config(**overrides):
-    settings = dict(embed_dim=DIM, depth=DEPTH, num_heads=HEADS, pretrain_size=PRETRAIN)
-    return vit_lib.vit_config("s", **{**settings, **overrides})
+    # input_scale 1: the parity tests feed the ViT its input size.
+    return config_lib.vit_config("s", **{**TINY_SETTINGS, "input_scale": 1.0, **overrides})
 
 
 def _vit(*, scan_blocks=True, seed=0, **overrides) -> vit_lib.ViT:
@@ -130,6 +131,13 @@ def _hub_state_dict(hf_directory) -> dict[str, torch.Tensor]:
             parts = [hub.pop(f"blocks.{i}.attention.attention.{p}.{leaf}") for p in ("query", "key", "value")]
             hub[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat(parts)
     return hub
+
+
+def save_hub_checkpoint(path, *, directory) -> None:
+    """A random DINOv2 of `TINY_SETTINGS` written as torch.hub's `.pth` at `path` (via its
+    transformers twin saved in `directory`)."""
+    _hf_model().save_pretrained(directory)
+    torch.save(_hub_state_dict(directory), path)
 
 
 # ----------------------------------------------------------------------------- parity
@@ -281,12 +289,22 @@ def test_config_keys_reach_the_model():
     assert tokens.shape == (1, 4, 5, DIM)
     assert vit_lib.output_strides(_encoder_config(patch_size=7)) == (7,)
     with pytest.raises(ValueError, match="multiple of the patch size"):
-        model(jnp.zeros((1, 28, 30, 3)))
+        model.embed(jnp.zeros((1, 28, 30, 3)))  # the call resizes first (`input_scale`)
     model_config = config_lib.default_config().model
     model_config.dtype = "bfloat16"
     half = vit_lib.build_vit(_encoder_config(), model_config, rngs=nnx.Rngs(0))
     assert half(jnp.zeros((1, PRETRAIN, PRETRAIN, 3)))[0].dtype == jnp.bfloat16
     assert half.pos_embed[...].dtype == jnp.float32  # parameters stay float32
+
+
+def test_the_input_is_resized_by_input_scale_to_a_multiple_of_the_patch():
+    scaled, plain = _vit(input_scale=1.1), _vit(input_scale=1.0)
+    images = jnp.asarray(_images((64, 64), batch=1))
+    (tokens,) = scaled(images)
+    assert tokens.shape == (1, 5, 5, DIM)  # 64 x 1.1 = 70.4 -> 70, VFM-UDA's 1024 -> 1120
+    assert vit_lib.token_grid_hw(_encoder_config(input_scale=1.1), (1024, 1024)) == (80, 80)
+    resized = jax.image.resize(images, (1, 70, 70, 3), "linear", antialias=False)
+    np.testing.assert_allclose(tokens, plain(resized)[0], rtol=1e-6)
 
 
 def test_presets_match_dinov2_sizes():
@@ -299,12 +317,12 @@ def test_presets_match_dinov2_sizes():
     giant = nnx.eval_shape(lambda: _vit_preset("g"))
     assert giant.blocks.mlp.w12.kernel.shape == (40, 1536, 2 * 4096)  # DINOv2's SwiGLU hidden 4096
     assert giant.blocks.attn.qkv.kernel.shape == (40, 1536, 3 * 1536)
-    assert vit_lib.vit_config("l").embed_dim == 1024 and vit_lib.vit_config("b").num_heads == 12
+    assert config_lib.vit_config("l").embed_dim == 1024 and config_lib.vit_config("b").num_heads == 12
 
 
 def _vit_preset(size):
     model_config = config_lib.default_config().model
-    return vit_lib.build_vit(vit_lib.vit_config(size), model_config, rngs=nnx.Rngs(0))
+    return vit_lib.build_vit(config_lib.vit_config(size), model_config, rngs=nnx.Rngs(0))
 
 
 # ----------------------------------------------------------------------------- errors

@@ -101,10 +101,8 @@ class SingleScaleHost(Host):
         images = [masked[name].images if name in masked else passes[name] for name in names]
         if masked:
             # One mask over the stacked batch: the other passes keep every token.
-            token_masks = [
-                masked[name].token_mask if name in masked else jnp.zeros_like(next(iter(masked.values())).token_mask)
-                for name in names
-            ]
+            keep_all = jnp.zeros_like(next(iter(masked.values())).token_mask)
+            token_masks = [masked[name].token_mask if name in masked else keep_all for name in names]
             kwargs["token_mask"] = stack_passes(token_masks)
         stacked = normalize.normalize(stack_passes(images))
         return unstack_outputs(model.forward(stacked, num_batch_groups=len(names), **kwargs), names)

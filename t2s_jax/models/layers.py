@@ -7,7 +7,9 @@ with `nnx.split` / `nnx.merge`.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,31 @@ REMAT_POLICIES = {
     # Linear outputs; attention, convolutions, GELU and norms are recomputed.
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+# `config.model.attention_impl='chunked'`: queries per chunk of the memory-bounded attention.
+ATTENTION_QUERY_CHUNK = 512
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None) -> jax.Array:
+    """Softmax attention over (B, T, heads, head_dim) queries, keys and values.
+
+    implementation: None / 'xla' / 'cudnn' as `jax.nn.dot_product_attention` takes them;
+    'chunked': the queries in chunks of `ATTENTION_QUERY_CHUNK`, one after the other, each
+    recomputed in the backward pass, so at most one chunk's (B, heads, chunk, T_k) scores
+    exist at a time: a memory-bounded attention on any backend (a ViT at 1120^2 has 6401
+    tokens; its full scores are 1.3 GB per image, head group and layer).
+    """
+    if implementation != "chunked":
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    batch, tokens = q.shape[:2]
+    chunk = min(ATTENTION_QUERY_CHUNK, tokens)
+    chunks = -(-tokens // chunk)
+    padded = jnp.pad(q, ((0, 0), (0, chunks * chunk - tokens), (0, 0), (0, 0)))
+    per_chunk = padded.reshape(batch, chunks, chunk, *q.shape[2:]).swapaxes(0, 1)
+    attend = jax.checkpoint(lambda queries: jax.nn.dot_product_attention(queries, k, v))
+    out = jax.lax.map(attend, per_chunk).swapaxes(0, 1)
+    return out.reshape(batch, chunks * chunk, *q.shape[2:])[:, :tokens]
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -57,6 +84,53 @@ def checkpoint_module_call(fn, remat: str):
     if check_remat(remat) == "none":
         return fn
     return nnx.remat(fn, policy=REMAT_POLICIES[remat])
+
+
+def build_blocks(make_block: Callable[..., nnx.Module], depth: int, *, scan: bool, rngs: nnx.Rngs) -> nnx.Module:
+    """`depth` blocks of `make_block(rngs=...)`: one block whose parameters carry a leading
+    `depth` axis (scan: XLA compiles it once, however deep), or a list of blocks."""
+    if not scan:
+        return nnx.List([make_block(rngs=rngs) for _ in range(depth)])
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_stacked(block_rngs: nnx.Rngs) -> nnx.Module:
+        return make_block(rngs=block_rngs)
+
+    return make_stacked(rngs)
+
+
+def _apply_block(graphdef: nnx.GraphDef, x: jax.Array, state: nnx.State, rate: jax.Array, key: jax.Array | None):
+    """Pure application of one block: what `lax.scan` and `jax.checkpoint` wrap."""
+    return nnx.merge(graphdef, state)(x, rate, key)
+
+
+def apply_blocks(
+    blocks: nnx.Module,
+    x: jax.Array,
+    drop_path_rates: Sequence[float],
+    block_keys: jax.Array | None,
+    *,
+    scan: bool,
+    remat: str,
+) -> jax.Array:
+    """`x` through the blocks of `build_blocks`, each called `block(x, drop_path_rate, key)` and
+    rematerialised under `remat`; `block_keys` (depth, key) or None (no stochastic depth)."""
+    if scan:
+        graphdef, state = nnx.split(blocks)
+        apply = checkpoint(functools.partial(_apply_block, graphdef), remat, prevent_cse=False)
+
+        def body(carry, per_block):
+            block_state, rate, key = per_block
+            return apply(carry, block_state, rate, key), None
+
+        x, _ = jax.lax.scan(body, x, (state, jnp.asarray(drop_path_rates, jnp.float32), block_keys))
+        return x
+    for i, block in enumerate(blocks):
+        graphdef, state = nnx.split(block)
+        apply = checkpoint(functools.partial(_apply_block, graphdef), remat)
+        x = apply(x, state, jnp.float32(drop_path_rates[i]), None if block_keys is None else block_keys[i])
+    return x
 
 
 def conv_fan_out_init(kernel_size: int, out_channels: int, groups: int = 1) -> jax.nn.initializers.Initializer:

@@ -76,7 +76,7 @@ class EfficientSelfAttention(nnx.Module):
         q = self.q(x).reshape(batch, height * width, self.num_heads, head_dim)
         kv_source = self.norm(self.sr(x)) if self.sr is not None else x
         kv = self.kv(kv_source).reshape(batch, -1, 2, self.num_heads, head_dim)
-        out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], implementation=self.attention_impl)
+        out = layers.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], self.attention_impl)
         return self.proj(out.reshape(batch, height, width, dim))
 
 
@@ -137,13 +137,6 @@ class MiTBlock(nnx.Module):
         return branch if key is None else layers.drop_path(branch, rate, key)
 
 
-def _apply_block(
-    graphdef: nnx.GraphDef, x: jax.Array, block_state: nnx.State, rate: jax.Array, key: jax.Array | None
-) -> jax.Array:
-    """Pure application of one block: what `lax.scan` and `jax.checkpoint` wrap."""
-    return nnx.merge(graphdef, block_state)(x, rate, key)
-
-
 class MiTStage(nnx.Module):
     """Overlap patch embedding, `depth` blocks (a list, or one scanned block), stage-end LayerNorm."""
 
@@ -190,16 +183,7 @@ class MiTStage(nnx.Module):
             attention_impl=attention_impl,
             dtype=dtype,
         )
-        if scan_blocks:
-            # One block whose parameters carry a leading `depth` axis, applied by lax.scan.
-            @nnx.split_rngs(splits=depth)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def make_stacked(block_rngs: nnx.Rngs) -> MiTBlock:
-                return make_block(rngs=block_rngs)
-
-            self.blocks = make_stacked(rngs)
-        else:
-            self.blocks = nnx.List([make_block(rngs=rngs) for _ in range(depth)])
+        self.blocks = layers.build_blocks(make_block, depth, scan=scan_blocks, rngs=rngs)
         self.norm = _layer_norm(dim, block_norm_eps, dtype, rngs)
         self.drop_path_rates = tuple(float(r) for r in drop_path_rates)
         self.scan_blocks = scan_blocks
@@ -208,27 +192,10 @@ class MiTStage(nnx.Module):
     def __call__(self, x: jax.Array, block_keys: jax.Array | None) -> jax.Array:
         """`block_keys`: (depth, key) array, one stochastic-depth key per block, or None."""
         x = self.patch_norm(self.patch_embed(x))
-        if self.scan_blocks:
-            graphdef, state = nnx.split(self.blocks)
-            apply = self._wrap(functools.partial(_apply_block, graphdef))
-            rates = jnp.asarray(self.drop_path_rates, jnp.float32)
-
-            def body(carry, per_block):
-                block_state, rate, key = per_block
-                return apply(carry, block_state, rate, key), None
-
-            x, _ = jax.lax.scan(body, x, (state, rates, block_keys))
-        else:
-            for i, block in enumerate(self.blocks):
-                graphdef, state = nnx.split(block)
-                apply = self._wrap(functools.partial(_apply_block, graphdef))
-                key = None if block_keys is None else block_keys[i]
-                x = apply(x, state, jnp.float32(self.drop_path_rates[i]), key)
+        x = layers.apply_blocks(
+            self.blocks, x, self.drop_path_rates, block_keys, scan=self.scan_blocks, remat=self.remat
+        )
         return self.norm(x)
-
-    def _wrap(self, apply_block):
-        """The block rematerialised under the configured policy."""
-        return layers.checkpoint(apply_block, self.remat, prevent_cse=not self.scan_blocks)
 
 
 class MiT(nnx.Module):
@@ -312,9 +279,9 @@ def output_strides(num_stages: int) -> tuple[int, ...]:
 
 
 def attention_implementation(name: str) -> str | None:
-    """`config.model.attention_impl` -> the `implementation` of `jax.nn.dot_product_attention`."""
-    if name not in ("", "xla", "cudnn"):
-        raise ValueError(f"unknown attention_impl {name!r}; expected '', 'xla' or 'cudnn'")
+    """`config.model.attention_impl` -> the `implementation` of `layers.dot_product_attention`."""
+    if name not in ("", "xla", "cudnn", "chunked"):
+        raise ValueError(f"unknown attention_impl {name!r}; expected '', 'xla', 'cudnn' or 'chunked'")
     return name or None
 
 

@@ -36,8 +36,9 @@ class SegmentorOutput:
 
 
 class Segmentor(nnx.Module):
-    """`.encoder` (MiT, ResNet or ViT), `.head` (DAFormer, SegFormer, DeepLab-V2 or VFM-UDA's), `.projector` (None
-    unless enabled), `.attention_head` (HRDA scale attention; None unless `model.hrda.enabled`)."""
+    """`.encoder` (MiT, ResNet or ViT), `.head` (DAFormer, SegFormer, DeepLab-V2 or VFM-UDA's),
+    `.projector` (None unless enabled), `.attention_head` (HRDA scale attention; None unless
+    `model.hrda.enabled`)."""
 
     def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         dtype = layers.compute_dtype(model_config.dtype)

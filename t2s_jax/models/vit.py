@@ -5,11 +5,11 @@ Module and parameter names follow the torch.hub DINOv2 layout (`patch_embed`, `c
 norm2, mlp.fc1, mlp.fc2 (SwiGLU: mlp.w12, mlp.w3), ls2.gamma}`, `norm`), so that weight import
 (`weights/dinov2.py`) is a short table.
 
-The encoder interface (`models.encoders`): images NHWC, normalised, already at the ViT input size
-(height and width multiples of the patch); the output is a 1-tuple with the final-norm patch
-tokens on their grid, (B, H / patch, W / patch, D). The cls and register tokens are dropped.
+The encoder interface (`models.encoders`): images NHWC, normalised, first resized (bilinear) by
+`input_scale` to a multiple of the patch (`scaled_input_hw`); the output is a 1-tuple with the
+final-norm patch tokens on their grid, (B, h, w, D). The cls and register tokens are dropped.
 
-`config.model.encoder` keys (type 'vit'; `vit_config` gives the S/B/L/g presets):
+`config.model.encoder` keys (type 'vit'; `config.vit_config` gives the S/B/L/g presets):
   embed_dim            D, the token width
   depth                number of transformer blocks
   num_heads            attention heads (head dim D / num_heads: 64 for every DINOv2 size)
@@ -22,6 +22,7 @@ tokens on their grid, (B, H / patch, W / patch, D). The cls and register tokens 
   layerscale_init      initial LayerScale gamma (1.0, the hub constructor's; checkpoints overwrite it)
   drop_path_rate       stochastic depth of the last block, rising linearly from 0 at the first (0.0)
   norm_eps             epsilon of every LayerNorm (1e-6)
+  input_scale          the input is resized by this first (VFM-UDA: 1.1, 1024 -> 1120)
 `config.model` gives the dtype, `scan_blocks`, `remat` and `attention_impl`.
 """
 
@@ -36,7 +37,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from t2s_jax import config as config_lib
 from t2s_jax.models import layers
 from t2s_jax.models.mit import attention_implementation
 
@@ -47,38 +47,21 @@ from t2s_jax.models.mit import attention_implementation
 POS_INTERPOLATIONS = ("hub", "size", "size_antialias")
 HUB_INTERPOLATE_OFFSET = 0.1  # DINOv2's `interpolate_offset`
 
-# S / B / L / g: the DINOv2 hub architectures (`vit_small` ... `vit_giant2`).
-VIT_VARIANTS = {
-    "s": dict(embed_dim=384, depth=12, num_heads=6, ffn="mlp"),
-    "b": dict(embed_dim=768, depth=12, num_heads=12, ffn="mlp"),
-    "l": dict(embed_dim=1024, depth=24, num_heads=16, ffn="mlp"),
-    "g": dict(embed_dim=1536, depth=40, num_heads=24, ffn="swiglu"),
-}
-
 _linear_init = jax.nn.initializers.truncated_normal(stddev=0.02)  # DINOv2's init_weights_vit_timm
 
 
-def vit_config(size: str = "b", **overrides) -> ml_collections.ConfigDict:
-    """Encoder settings of DINOv2 ViT-`size` ('s', 'b', 'l', 'g') at patch 14; `overrides` shrink
-    it for tests or set registers (`num_register_tokens=4, pos_interpolation='size_antialias'`
-    for the `*_reg` checkpoints)."""
-    if size not in VIT_VARIANTS:
-        raise ValueError(f"unknown ViT size {size!r}; expected one of {sorted(VIT_VARIANTS)}")
-    encoder = ml_collections.ConfigDict(
-        dict(
-            type="vit",
-            **VIT_VARIANTS[size],
-            patch_size=14,
-            mlp_ratio=4,
-            num_register_tokens=0,
-            pretrain_size=518,
-            pos_interpolation="hub",
-            layerscale_init=1.0,
-            drop_path_rate=0.0,
-            norm_eps=1e-6,
-        )
-    )
-    return config_lib._overridden(encoder, overrides, "ViT")
+def scaled_input_hw(image_hw: tuple[int, int], input_scale: float, patch_size: int) -> tuple[int, int]:
+    """The size a ViT resizes an `image_hw` input to: each side times `input_scale`, rounded
+    down to a multiple of the patch (VFM-UDA: 1024 x 1.1 -> 1120)."""
+    return tuple(max(int(side * input_scale) // patch_size, 1) * patch_size for side in image_hw)
+
+
+def token_grid_hw(encoder_config: ml_collections.ConfigDict, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """The patch-token grid of the ViT `config.model.encoder` describes, for an `image_hw`
+    input (VFM-UDA: 1024^2 crops -> 80 x 80)."""
+    patch = int(encoder_config.patch_size)
+    scaled = scaled_input_hw(image_hw, float(encoder_config.get("input_scale", 1.0)), patch)
+    return scaled[0] // patch, scaled[1] // patch
 
 
 def output_strides(encoder_config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -192,9 +175,7 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        out = jax.nn.dot_product_attention(
-            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.attention_impl
-        )
+        out = layers.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl)
         return self.proj(out.reshape(batch, tokens, dim))
 
 
@@ -273,16 +254,6 @@ class ViTBlock(nnx.Module):
         return branch if key is None else layers.drop_path(branch, rate, key)
 
 
-def _apply_block(
-    graphdef: nnx.GraphDef, x: jax.Array, block_state: nnx.State, rate: jax.Array, key: jax.Array | None
-) -> jax.Array:
-    """Pure application of one block: what `lax.scan` and `jax.checkpoint` wrap."""
-    return nnx.merge(graphdef, block_state)(x, rate, key)
-
-
-# ----------------------------------------------------------------------------- the encoder
-
-
 def _torch_conv_default_init(fan_in: int):
     """PyTorch's Conv2d default (kaiming_uniform a=sqrt(5), i.e. U(+-1/sqrt(fan_in))), weight and bias."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -312,6 +283,7 @@ class ViT(nnx.Module):
         layerscale_init: float = 1.0,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
+        input_scale: float = 1.0,
         in_channels: int = 3,
         attention_impl: str | None = None,
         scan_blocks: bool = False,
@@ -326,6 +298,7 @@ class ViT(nnx.Module):
         self.ffn = ffn
         self.patch_size = patch_size
         self.pretrain_grid = pretrain_size // patch_size
+        self.input_scale = input_scale
         self.pos_interpolation = check_pos_interpolation(pos_interpolation)
         fan_in = in_channels * patch_size * patch_size
         kernel_init, bias_init = _torch_conv_default_init(fan_in)
@@ -359,16 +332,7 @@ class ViT(nnx.Module):
             attention_impl=attention_impl,
             dtype=dtype,
         )
-        if scan_blocks:
-            # One block whose parameters carry a leading `depth` axis, applied by lax.scan.
-            @nnx.split_rngs(splits=depth)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def make_stacked(block_rngs: nnx.Rngs) -> ViTBlock:
-                return make_block(rngs=block_rngs)
-
-            self.blocks = make_stacked(rngs)
-        else:
-            self.blocks = nnx.List([make_block(rngs=rngs) for _ in range(depth)])
+        self.blocks = layers.build_blocks(make_block, depth, scan=scan_blocks, rngs=rngs)
         self.norm = _layer_norm(embed_dim, norm_eps, dtype, rngs)
         # Stochastic depth rises linearly from 0 to drop_path_rate (DINOv2's drop_path_uniform=False).
         self.drop_path_rates = tuple(float(r) for r in np.linspace(0.0, drop_path_rate, depth))
@@ -422,36 +386,20 @@ class ViT(nnx.Module):
         num_batch_groups: int = 1,
         token_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, ...]:
-        """`images` NHWC float at the ViT input size; `dropout_key` turns stochastic depth on
-        (training); `token_mask` as in `embed`. Returns `(tokens,)`, (B, H / patch, W / patch, D).
-        The ViT has no BatchNorm: `use_batch_stats` and `num_batch_groups` are the encoder
-        interface's."""
+        """`images` NHWC float, resized by `input_scale` first; `dropout_key` turns stochastic
+        depth on (training); `token_mask` as in `embed`, on the resized input's token grid.
+        Returns `(tokens,)`, (B, h, w, D). The ViT has no BatchNorm: `use_batch_stats` and
+        `num_batch_groups` are the encoder interface's."""
         del use_batch_stats, num_batch_groups
+        images = layers.resize_bilinear(images, scaled_input_hw(images.shape[1:3], self.input_scale, self.patch_size))
         grid_hw = self.patch_grid(images.shape[1:3])
         x = self.embed(images, token_mask)
         block_keys = None if dropout_key is None else jax.random.split(dropout_key, self.depth)
-        if self.scan_blocks:
-            graphdef, state = nnx.split(self.blocks)
-            apply = self._wrap(functools.partial(_apply_block, graphdef))
-            rates = jnp.asarray(self.drop_path_rates, jnp.float32)
-
-            def body(carry, per_block):
-                block_state, rate, key = per_block
-                return apply(carry, block_state, rate, key), None
-
-            x, _ = jax.lax.scan(body, x, (state, rates, block_keys))
-        else:
-            for i, block in enumerate(self.blocks):
-                graphdef, state = nnx.split(block)
-                apply = self._wrap(functools.partial(_apply_block, graphdef))
-                key = None if block_keys is None else block_keys[i]
-                x = apply(x, state, jnp.float32(self.drop_path_rates[i]), key)
+        x = layers.apply_blocks(
+            self.blocks, x, self.drop_path_rates, block_keys, scan=self.scan_blocks, remat=self.remat
+        )
         patches = self.norm(x)[:, 1 + self.num_register_tokens :]
         return (patches.reshape(x.shape[0], *grid_hw, x.shape[-1]),)
-
-    def _wrap(self, apply_block):
-        """The block rematerialised under the configured policy."""
-        return layers.checkpoint(apply_block, self.remat, prevent_cse=not self.scan_blocks)
 
 
 def build_vit(
@@ -471,6 +419,7 @@ def build_vit(
         layerscale_init=float(encoder_config.layerscale_init),
         drop_path_rate=float(encoder_config.drop_path_rate),
         norm_eps=float(encoder_config.norm_eps),
+        input_scale=float(encoder_config.input_scale),
         attention_impl=attention_implementation(model_config.attention_impl),
         scan_blocks=bool(model_config.scan_blocks),
         remat=str(model_config.remat),

@@ -10,7 +10,6 @@ import ml_collections
 
 from t2s_jax.classes import IGNORE_INDEX
 from t2s_jax.config import SOURCE_LOSS_MEANS
-
 from t2s_jax.models import SegmentorOutput
 from t2s_jax.uda.term import Losses, Metrics, StepContext, Term
 

@@ -13,8 +13,8 @@ from t2s_jax.models.weights.errors import WeightsError, first_line, listing
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 ACCEPTED = (
-    "accepted: a PyTorch file (" + ", ".join(TORCH_SUFFIXES) + ") in the mmseg MiT layout or the mmcv / "
-    "torchvision ResNet layout, a .safetensors file, a Hugging Face directory (config.json + model.safetensors "
+    "accepted: a PyTorch file (" + ", ".join(TORCH_SUFFIXES) + ") in the mmseg MiT layout, the mmcv / "
+    "torchvision ResNet layout or the torch.hub DINOv2 layout, a .safetensors file, a Hugging Face directory (config.json + model.safetensors "
     "or pytorch_model.bin) or a directory written by `python -m t2s_jax.models.convert` (state/ + model_config.json)"
 )
 
