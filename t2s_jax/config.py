@@ -122,7 +122,7 @@ def default_config() -> ml_collections.ConfigDict:
     """T2S-DA w/ DAFormer, MiT-B5, GTA5 -> Cityscapes: every value of method.md."""
     # Here, not at the top: the term modules import the models, whose weight loader reads
     # this module's defaults.
-    from t2s_jax.uda import masktwins, mic, t2s
+    from t2s_jax.uda import distillation, masktwins, mic, t2s
 
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -162,6 +162,11 @@ def default_config() -> ml_collections.ConfigDict:
     # Set by the run from the method (training.train_state.model_config_for_run: a term reads projections);
     # the value given here is replaced.
     model.projector.enabled = False
+    # VFM-UDA++'s feature-distillation head on the last encoder stage (models/distillation.py),
+    # built when a term distils (`distillation`); set by the run like the projector's.
+    model.distill_head = ml_collections.ConfigDict()
+    model.distill_head.expansion = 4  # hidden width / encoder width
+    model.distill_head.enabled = False
     # HRDA multi-resolution training and inference (docs/hosts.md): the encoder and head run on
     # the crop at `context_scale` and on a detail crop at full resolution, fused by a learned
     # class-wise scale attention. Off: the single-scale host.
@@ -261,6 +266,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.mic = mic.default_options()  # MIC (docs/method.md §6)
     config.masktwins = masktwins.default_options()  # MaskTwins (docs/method.md §7)
     config.pull = t2s.default_options()  # the T2S-DA pulling loss (method.md 5)
+    config.distill = distillation.default_options()  # feature distillation (VFM-UDA++, docs/hosts.md)
 
     # ---------------------------------------------------------------- optimisation
     optim = config.optim = ml_collections.ConfigDict()
@@ -408,8 +414,8 @@ ENCODER_RULES: dict[str, dict[str, Rule]] = {
     },
 }
 
-# Every key outside the loss terms' sections (uda, mic, masktwins, pull: each term checks its
-# own options when it is built), checked by `check` before anything is built.
+# Every key outside the loss terms' sections (uda, mic, masktwins, pull, distill: each term
+# checks its own options when it is built), checked by `check` before anything is built.
 RULES: dict[str, Rule] = {
     "seed": NON_NEGATIVE,
     "method": NAME,  # presets: t2s_jax/methods.py, checked by the command
@@ -429,6 +435,8 @@ RULES: dict[str, Rule] = {
     "model.projector.hidden_channels": POSITIVE,
     "model.projector.dim": POSITIVE,
     "model.projector.enabled": Rule("False (the run sets it from the method's terms)", lambda v: v is False),
+    "model.distill_head.expansion": POSITIVE,
+    "model.distill_head.enabled": Rule("False (the run sets it from the method's terms)", lambda v: v is False),
     "model.hrda.enabled": BOOL,
     "model.hrda.context_scale": number(0, 1, open_low=True, open_high=True),
     "model.hrda.detail_crop_hw": HW,

@@ -12,6 +12,7 @@ import copy
 import ml_collections
 
 from t2s_jax.uda.dacs import DacsTerm
+from t2s_jax.uda.distillation import DistillationTerm
 from t2s_jax.uda.feature_distance import FeatureDistanceTerm
 from t2s_jax.uda.masktwins import MaskTwinsTerm
 from t2s_jax.uda.mic import MicTerm
@@ -20,7 +21,8 @@ from t2s_jax.uda.t2s import PullTerm
 from t2s_jax.uda.term import Term
 
 TERMS: dict[str, type[Term]] = {
-    term.name: term for term in (SourceTerm, FeatureDistanceTerm, DacsTerm, PullTerm, MicTerm, MaskTwinsTerm)
+    term.name: term
+    for term in (SourceTerm, FeatureDistanceTerm, DacsTerm, PullTerm, MicTerm, MaskTwinsTerm, DistillationTerm)
 }
 
 _DAFORMER = ("source", "feature_distance", "dacs")
@@ -34,6 +36,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "masktwins": (*_DAFORMER, "masktwins"),  # MaskTwins on the DAFormer host (docs/method.md §7)
     # VFM-UDA (docs/hosts.md): DACS self-training and a masked target pass, no feature distance.
     "vfm_uda": ("source", "dacs", "mic"),
+    "vfm_uda_fd": ("source", "dacs", "mic", "distillation"),  # + VFM-UDA++'s feature distillation
     "t2s_vfm_uda": ("source", "dacs", "pull", "mic"),  # T2S-DA w/ VFM-UDA
 }
 # Presets trained without any target image.
@@ -70,6 +73,11 @@ def build_terms(config: ml_collections.ConfigDict) -> tuple[Term, ...]:
 def needs_projector(config: ml_collections.ConfigDict) -> bool:
     """Whether the run's model carries the T2S-DA projector (some term reads projections)."""
     return any(term.student_projection or term.teacher_projection for term in build_terms(config))
+
+
+def needs_distill_head(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run's model carries the feature-distillation head (some term distils)."""
+    return any(term.student_distillation for term in build_terms(config))
 
 
 def with_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:

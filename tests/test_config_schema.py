@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
 
 # Sections whose options their loss term checks when it is built.
-TERM_SECTIONS = ("uda", "mic", "masktwins", "pull")
+TERM_SECTIONS = ("uda", "mic", "masktwins", "pull", "distill")
 
 
 def config_module(name: str):
@@ -167,7 +167,7 @@ def test_every_config_and_method_loads_and_passes_the_rules(name, method):
 
 def test_the_benchmarks_offer_every_preset_and_dg_only_the_target_free_ones():
     # VFM-UDA's presets are MIC without the feature distance, named for the ViT host.
-    vfm_presets = {"vfm_uda", "t2s_vfm_uda"}
+    vfm_presets = {"vfm_uda", "vfm_uda_fd", "t2s_vfm_uda"}
     for name in ("gta_cs_daformer.py", "synthia_cs_daformer.py"):
         assert set(config_module(name).TARGETS) == set(methods.PRESETS) - vfm_presets, name
     assert set(config_module("gta_dg_daformer.py").TARGETS) == set(methods.TARGET_FREE)
@@ -177,7 +177,7 @@ def test_the_benchmarks_offer_every_preset_and_dg_only_the_target_free_ones():
         assert set(config_module(name).TARGETS) == {"source_only", "daformer", "t2s", "t2s_mse", "mic"}, name
     assert load("gta_cs_deeplab.py", "t2s_mse").pull.loss == "mse" and load("gta_cs_deeplab.py", "t2s").pull.loss == "infonce"
     for name in ("gta_cs_vfm.py", "synthia_cs_vfm.py"):
-        assert set(config_module(name).TARGETS) == {"vfm_uda", "t2s"}, name
+        assert set(config_module(name).TARGETS) == {"vfm_uda", "vfm_uda_fd", "t2s"}, name
         assert load(name, "t2s,l").model.encoder.embed_dim == 1024 and load(name, "t2s").model.encoder.embed_dim == 768
         with pytest.raises(schema.ConfigError, match="unknown ViT variant 'h'"):
             load(name, "vfm_uda,h")

@@ -1,4 +1,4 @@
-"""Every option of `pull.*`, `mic.*`, `masktwins.*` and `uda.*` changes what its term computes.
+"""Every option of `pull.*`, `mic.*`, `masktwins.*`, `distill.*` and `uda.*` changes what its term computes.
 
 Each term runs as the step runs it (batch transform, state update, prepare, losses) on a
 fixed batch, with a fixed fake model in place of the network (a linear map of the pooled
@@ -8,7 +8,8 @@ term ignored, or read under another name, leaves it unchanged and fails.
 
 The host options the step itself reads (`uda.ema_max_alpha`, `uda.pseudo_threshold`,
 `uda.pseudo_ignore_top`, `uda.pseudo_ignore_bottom`) are set to non-default values in
-`test_reference_step.py`, whose reference reads them independently of the step.
+`test_reference_step.py`, whose reference reads them independently of the step;
+`uda.teacher_flip` changes the step's mixed loss in `test_vfm.py`.
 """
 
 import os
@@ -19,14 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t2s_jax.hosts import SingleScaleHost
-from t2s_jax import methods
+from t2s_jax import config as config_lib, methods
+from t2s_jax.hosts import MaskedTokens, SingleScaleHost
 from t2s_jax.models import SegmentorOutput, resize_bilinear
 from t2s_jax.uda import pseudo_labels
 from t2s_jax.uda.dacs import DacsTerm
+from t2s_jax.uda.distillation import DistillationTerm
 from t2s_jax.uda.feature_distance import FeatureDistanceTerm
 from t2s_jax.uda.masktwins import MaskTwinsTerm
 from t2s_jax.uda.mic import MicTerm
+from t2s_jax.uda.source import SourceTerm
 from t2s_jax.uda.t2s import PullTerm
 from t2s_jax.uda.term import PseudoLabels, StepContext, stream_key
 
@@ -51,6 +54,7 @@ def _fake_model(params, images):
         encoder_features=(stride_32 @ params["encoder"],),
         decoder_features=None,
         projection=stride_4 @ params["projection"] + 0.3 * params["position"][..., :D],
+        distillation=stride_32 @ params["encoder"] + 0.2,
     )
 
 
@@ -91,6 +95,8 @@ def _outcome(term_class, config, seed=0):
     )  # fmt: skip
     passes, prepared = term.prepare(context)
     assert set(passes) == set(term.student_passes)
+    # The fake model sees no tokens: a token-masked pass is its (unmasked) images.
+    passes = {name: p.images if isinstance(p, MaskedTokens) else p for name, p in passes.items()}
     student = {name: _fake_model(STUDENT, images) for name, images in passes.items()}
     student.update({name: _fake_model(STUDENT, batch["source_image"]) for name in term.reads_passes})
     term_losses, metrics = term.losses(context, student, prepared)
@@ -119,7 +125,16 @@ PULL = (PullTerm, "t2s", {"pull.fda_beta": 0.05})  # FDA at 0.01 moves no freque
 ALWAYS_AUGMENT = {"uda.color_jitter_prob": 1.0, "uda.blur_prob": 1.0}
 DACS = (DacsTerm, "daformer", ALWAYS_AUGMENT)
 FD = (FeatureDistanceTerm, "daformer", {})
+DISTILL = (DistillationTerm, "vfm_uda_fd", {})
+# Token masks leave the images whole (the ViT masks its tokens), pixel blocks do not.
+TINY_VIT = config_lib.vit_config("s", embed_dim=32, depth=1, num_heads=2, pretrain_size=56)
 CASES = {
+    "mic.mask_type": (*MIC, {"mic.mask_type": "token", "model.encoder": TINY_VIT}, "pass/masked"),
+    "uda.source_loss_mean": (SourceTerm, "source_only", {}, {"uda.source_loss_mean": "valid"}, "loss_source"),
+    "distill.weight_source": (*DISTILL, {"distill.weight_source": 0.3}, "loss_distill_source"),
+    "distill.weight_target": (*DISTILL, {"distill.weight_target": 0.3}, "loss_distill_target"),
+    "distill.smooth_l1_weight": (*DISTILL, {"distill.smooth_l1_weight": 0.5}, "loss_distill_source"),
+    "distill.cosine_weight": (*DISTILL, {"distill.cosine_weight": 0.5}, "loss_distill_source"),
     **{f"mic.mode={mode}": (*MIC, {"mic.mode": mode}, "loss_mic") for mode in
        ("separatetrg", "separatesrcaug", "separatesrc", "separateaug", "separate")},
     "mic.block_size": (*MIC, {"mic.block_size": 8}, "loss_mic"),
@@ -186,7 +201,8 @@ def test_option_changes_the_outcome(name):
 
 def test_every_option_of_the_term_sections_has_a_case():
     config = tiny.tiny_config("unused")
-    step_read = {"uda.ema_max_alpha", "uda.pseudo_threshold", "uda.pseudo_ignore_top", "uda.pseudo_ignore_bottom"}
-    options = {f"{section}.{key}" for section in ("pull", "mic", "masktwins", "uda") for key in config[section]}
-    covered = {key for case in CASES.values() for key in case[3]}
+    step_read = {"uda.ema_max_alpha", "uda.pseudo_threshold", "uda.pseudo_ignore_top", "uda.pseudo_ignore_bottom",
+                 "uda.teacher_flip"}  # fmt: skip
+    options = {f"{section}.{key}" for section in ("pull", "mic", "masktwins", "distill", "uda") for key in config[section]}
+    covered = {key for case in CASES.values() for key in case[3] if not key.startswith("model.")}
     assert options - step_read == covered

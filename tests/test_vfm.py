@@ -1,7 +1,8 @@
 """The DINOv2 ViT host (VFM-UDA): its head against a PyTorch module built from tue-mps/vfm-uda's
 `upscale` + `out`; layer-wise learning-rate decay and the decay of every parameter; the
-flip-averaged teacher; the source CE over valid pixels; token masks; and the VFM-UDA and
-T2S-DA steps on a tiny ViT, compiled once, 4 devices equal to 1."""
+flip-averaged teacher; the source CE over valid pixels; token masks; chunked attention; the
+VFM-UDA and T2S-DA steps on a tiny ViT, compiled once, 4 devices equal to 1; VFM-UDA++'s
+feature distillation (head and loss against PyTorch, the step)."""
 
 import dataclasses
 import os
@@ -14,9 +15,11 @@ import pytest
 import torch
 from flax import nnx
 
-from t2s_jax import benchmarks, config as config_lib, hosts, optim, steps
+from t2s_jax import benchmarks, config as config_lib, hosts, methods, optim, steps
 from t2s_jax.models import heads, layers
+from t2s_jax.models.distillation import DistillationHead
 from t2s_jax.training import train_state
+from t2s_jax.uda.distillation import distillation_loss
 from t2s_jax.uda.mic import MicTerm
 from t2s_jax.uda.source import SourceTerm
 
@@ -224,8 +227,50 @@ def test_chunked_attention_equals_attention_in_values_and_gradients():
     def loss(implementation):
         return lambda q, k, v: jnp.sum(jnp.sin(layers.dot_product_attention(q, k, v, implementation)))
 
-    np.testing.assert_allclose(
-        layers.dot_product_attention(q, k, v, "chunked"), layers.dot_product_attention(q, k, v, None), rtol=1e-5, atol=1e-6
-    )
+    chunked, full = (layers.dot_product_attention(q, k, v, implementation) for implementation in ("chunked", None))
+    np.testing.assert_allclose(chunked, full, rtol=1e-5, atol=1e-6)
     for chunked, full in zip(jax.grad(loss("chunked"), (0, 1, 2))(q, k, v), jax.grad(loss(None), (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(chunked, full, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ VFM-UDA++'s feature distillation
+
+
+def test_the_distillation_head_and_loss_match_pytorch():
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 32, 1), TorchLayerNorm2d(32, eps=1e-6), torch.nn.GELU(), torch.nn.Conv2d(32, 8, 1)
+    )
+    head = DistillationHead(8, 8, expansion=4, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    head.expand.kernel.value = jnp.asarray(reference[0].weight.detach().numpy().transpose(2, 3, 1, 0))
+    head.expand.bias.value = jnp.asarray(reference[0].bias.detach().numpy())
+    head.project.kernel.value = jnp.asarray(reference[3].weight.detach().numpy().transpose(2, 3, 1, 0))
+    head.project.bias.value = jnp.asarray(reference[3].bias.detach().numpy())
+    features = np.random.default_rng(0).normal(size=(2, 6, 6, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(features).permute(0, 3, 1, 2))
+    student = head(jnp.asarray(features))
+    np.testing.assert_allclose(student, expected.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-5)
+    # The loss on a 3x3 reference grid: the student's 6x6 map resized to it, as VFM-UDA++ does.
+    target = np.random.default_rng(1).normal(size=(2, 3, 3, 8)).astype(np.float32)
+    resized = torch.nn.functional.interpolate(expected, size=(3, 3), mode="bilinear", align_corners=False)
+    torch_target = torch.from_numpy(target).permute(0, 3, 1, 2)
+    smooth_l1 = torch.nn.functional.smooth_l1_loss(resized, torch_target, reduction="none", beta=1.0).mean(1)
+    cosine = torch.nn.functional.cosine_similarity(resized, torch_target, dim=1)
+    expected_loss = float((0.1 * smooth_l1 + 0.9 * (1 - cosine)).mean())
+    loss = distillation_loss(student, jnp.asarray(target), smooth_l1_weight=0.1, cosine_weight=0.9)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+
+
+def test_vfm_uda_fd_distils_source_and_target_through_a_head_at_the_decoder_rate():
+    config = vfm_config("vfm_uda_fd", **{"distill.weight_target": 0.3})
+    terms = dict(zip(methods.term_names(config), methods.build_terms(config)))
+    assert terms["distillation"].student_passes == ("distill_target",)
+    history, _, _ = test_steps._run(config, [test_steps._batch(0)])
+    assert history[0]["loss_distill_source"] > 0 and history[0]["loss_distill_target"] > 0
+    model = hosts.build_host(config).build_model(train_state.model_config_for_run(config), rngs=nnx.Rngs(0))
+    assert model.distill_head is not None and model.projector is None
+    groups = optim.parameter_groups(nnx.state(model, nnx.Param))
+    assert {group for group in jax.tree.leaves(groups["distill_head"])} == {optim.HEAD_GROUP}
+    config.distill.weight_target = 0.0  # the source alone: no target pass
+    assert methods.build_terms(config)[-1].student_passes == ()

@@ -118,6 +118,7 @@ class HRDAHost(Host):
             encoder_features=context.encoder_features,
             decoder_features=context.decoder_features,
             projection=context.projection,
+            distillation=context.distillation,
             context_logits=weighted_context,
             detail_logits=detail_logits,
             detail_box=box,

@@ -9,7 +9,6 @@ and SegFormer, the last stage output for DeepLab-V2, the last upscaled map for V
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -186,19 +185,13 @@ class DeepLabV2Head(nnx.Module):
         return logits, feature
 
 
-def _torch_default_uniform(fan_in: int) -> jax.nn.initializers.Initializer:
-    """PyTorch's default conv initialisation (kaiming_uniform with a = sqrt(5)): U(+-1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
 class TransposedConv2x2(nnx.Module):
     """PyTorch `ConvTranspose2d(k=2, s=2, bias=False)` as an einsum: each input pixel writes its
     own 2x2 output block, y[2i+a, 2j+c, o] = sum_k x[i, j, k] W[a, c, k, o]."""
 
     def __init__(self, in_channels: int, out_channels: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         # PyTorch reads the fan-in of a transposed conv weight [in, out, 2, 2] from `out`.
-        init = _torch_default_uniform(out_channels * 4)
+        init, _ = layers.torch_conv_init(out_channels * 4)
         self.kernel = nnx.Param(init(rngs.params(), (2, 2, in_channels, out_channels)))
         self.dtype = dtype
 
@@ -226,7 +219,7 @@ class VFMHead(nnx.Module):
         self.norm_2 = nnx.LayerNorm(quarter, **norm)
         self.conv = nnx.Conv(
             quarter, quarter, (3, 3), padding=1, use_bias=False,
-            kernel_init=_torch_default_uniform(quarter * 9), dtype=dtype, rngs=rngs,
+            kernel_init=layers.torch_conv_init(quarter * 9)[0], dtype=dtype, rngs=rngs,
         )  # fmt: skip
         self.norm_3 = nnx.LayerNorm(quarter, **norm)
         self.classifier = nnx.Conv(

@@ -133,6 +133,17 @@ def apply_blocks(
     return x
 
 
+def torch_conv_init(fan_in: int) -> tuple[jax.nn.initializers.Initializer, jax.nn.initializers.Initializer]:
+    """PyTorch's default Conv2d / Linear initialisation (kaiming_uniform with a = sqrt(5), i.e.
+    U(+-1/sqrt(fan_in)), for the weight and the bias), as (kernel_init, bias_init)."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def uniform(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return uniform, uniform
+
+
 def conv_fan_out_init(kernel_size: int, out_channels: int, groups: int = 1) -> jax.nn.initializers.Initializer:
     """Normal(0, sqrt(2 / fan_out)) with fan_out = k*k*out/groups, the MiT (mmseg) conv init."""
     fan_out = kernel_size * kernel_size * out_channels // groups

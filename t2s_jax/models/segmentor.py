@@ -16,11 +16,12 @@ import ml_collections
 from flax import nnx
 
 from t2s_jax.models import encoders, heads, layers
+from t2s_jax.models.distillation import DistillationHead
 from t2s_jax.models.hrda import build_scale_attention
 from t2s_jax.models.projector import Projector
 
 # Top-level attribute names: the optimizer gives these 10x learning rate.
-HEAD_MODULES = ("head", "projector", "attention_head")
+HEAD_MODULES = ("head", "projector", "attention_head", "distill_head")
 # Names of the encoder's LayerNorm modules (patch embedding, block pre-norms, spatial
 # reduction `attn.norm`, stage end): no weight decay on their scale and bias.
 ENCODER_NORM_MODULES = ("patch_norm", "norm1", "norm2", "norm")
@@ -33,12 +34,13 @@ class SegmentorOutput:
     decoder_features: jax.Array  # the feature the classifier reads, before dropout, compute dtype
     projection: jax.Array | None = None  # unnormalised projector output, float32
     attention: jax.Array | None = None  # HRDA scale attention (B, H/s, W/s, K or 1) float32 in (0, 1)
+    distillation: jax.Array | None = None  # the distillation head's map of the last stage, float32
 
 
 class Segmentor(nnx.Module):
     """`.encoder` (MiT, ResNet or ViT), `.head` (DAFormer, SegFormer, DeepLab-V2 or VFM-UDA's),
     `.projector` (None unless enabled), `.attention_head` (HRDA scale attention; None unless
-    `model.hrda.enabled`)."""
+    `model.hrda.enabled`), `.distill_head` (None unless enabled; it runs on every forward)."""
 
     def __init__(self, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         dtype = layers.compute_dtype(model_config.dtype)
@@ -68,6 +70,12 @@ class Segmentor(nnx.Module):
         hrda = model_config.get("hrda")  # absent in model configs stored before HRDA
         enabled = hrda is not None and hrda.enabled
         self.attention_head = build_scale_attention(model_config, embed_dims, dtype=dtype, rngs=rngs) if enabled else None
+        distill = model_config.get("distill_head")  # absent in model configs stored before it
+        self.distill_head = (
+            DistillationHead(embed_dims[-1], embed_dims[-1], expansion=int(distill.expansion), dtype=dtype, rngs=rngs)
+            if distill is not None and distill.enabled
+            else None
+        )
 
     def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits (B, H/s, W/s, num_classes) float32 for NHWC normalised `images` (s: `output_stride`)."""
@@ -123,12 +131,14 @@ class Segmentor(nnx.Module):
             # randomness do not depend on whether the attention runs.
             attention_key = jax.random.fold_in(dropout_key, 1) if train else None
             attention = run(self.attention_head, features, attention_key)
+        distillation = None if self.distill_head is None else self.distill_head(features[-1])
         return SegmentorOutput(
             logits=logits,
             encoder_features=features,
             decoder_features=fused,
             projection=projection,
             attention=attention,
+            distillation=distillation,
         )
 
     def _run_head(self, module, inputs, key=None, *, use_batch_stats: bool, num_batch_groups: int):

@@ -29,7 +29,6 @@ final-norm patch tokens on their grid, (B, h, w, D). The cls and register tokens
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -254,16 +253,6 @@ class ViTBlock(nnx.Module):
         return branch if key is None else layers.drop_path(branch, rate, key)
 
 
-def _torch_conv_default_init(fan_in: int):
-    """PyTorch's Conv2d default (kaiming_uniform a=sqrt(5), i.e. U(+-1/sqrt(fan_in))), weight and bias."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def bias(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), bias
-
-
 class ViT(nnx.Module):
     """DINOv2 ViT: patch embedding, cls (+ register) tokens, interpolated position embedding,
     `depth` blocks (a list, or one scanned block), final LayerNorm."""
@@ -301,7 +290,7 @@ class ViT(nnx.Module):
         self.input_scale = input_scale
         self.pos_interpolation = check_pos_interpolation(pos_interpolation)
         fan_in = in_channels * patch_size * patch_size
-        kernel_init, bias_init = _torch_conv_default_init(fan_in)
+        kernel_init, bias_init = layers.torch_conv_init(fan_in)
         self.patch_embed = nnx.Conv(
             in_channels,
             embed_dim,

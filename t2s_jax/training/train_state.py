@@ -40,9 +40,12 @@ def make_run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 def model_config_for_run(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The model settings of this run: the projector exists only where a term reads it."""
+    """The model settings of this run: the projector and the distillation head exist only where
+    a term reads them."""
     model_config = ml_collections.ConfigDict(config.model.to_dict())
     model_config.projector.enabled = methods.needs_projector(config)
+    if "distill_head" in model_config:  # absent in configs stored before it
+        model_config.distill_head.enabled = methods.needs_distill_head(config)
     return model_config
 
 

@@ -96,6 +96,7 @@ class Term:
       needs_pseudo_labels: needs `StepContext.pseudo`.
       teacher_views: teacher passes it reads ('target', 'source'), in `StepContext.teacher`.
       teacher_projection / student_projection: needs the projector on those passes.
+      student_distillation: reads the distillation head's output of its student passes.
       student_passes: the names of the passes `prepare` returns (each produced by one term).
       reads_passes: passes produced by another term that `losses` reads.
       random_streams: the names of its random streams, `StepContext.keys`.
@@ -107,6 +108,7 @@ class Term:
     teacher_views: tuple[str, ...] = ()
     teacher_projection: bool = False
     student_projection: bool = False
+    student_distillation: bool = False
     student_passes: tuple[str, ...] = ()
     reads_passes: tuple[str, ...] = ()
     random_streams: tuple[str, ...] = ()
