@@ -154,11 +154,14 @@ def conv_fan_out_init(kernel_size: int, out_channels: int, groups: int = 1) -> j
 kaiming_fan_out = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def drop_path(x: jax.Array, rate: float | jax.Array, key: jax.Array) -> jax.Array:
-    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones.
+def drop_path(x: jax.Array, rate: float | jax.Array, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones;
+    `key` None (evaluation, teacher): `x` itself.
 
     `rate` may be traced (one value per block inside a scanned stage).
     """
+    if key is None:
+        return x
     keep = 1.0 - jnp.asarray(rate, jnp.float32)
     mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))

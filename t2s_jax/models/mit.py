@@ -129,12 +129,8 @@ class MiTBlock(nnx.Module):
         attn_key = mlp_key = None
         if key is not None:
             attn_key, mlp_key = jax.random.split(key)
-        x = x + self._maybe_drop(self.attn(self.norm1(x)), drop_path_rate, attn_key)
-        return x + self._maybe_drop(self.mlp(self.norm2(x)), drop_path_rate, mlp_key)
-
-    @staticmethod
-    def _maybe_drop(branch: jax.Array, rate: float | jax.Array, key: jax.Array | None) -> jax.Array:
-        return branch if key is None else layers.drop_path(branch, rate, key)
+        x = x + layers.drop_path(self.attn(self.norm1(x)), drop_path_rate, attn_key)
+        return x + layers.drop_path(self.mlp(self.norm2(x)), drop_path_rate, mlp_key)
 
 
 class MiTStage(nnx.Module):

@@ -243,14 +243,10 @@ class ViTBlock(nnx.Module):
         attn_key = mlp_key = None
         if key is not None:
             attn_key, mlp_key = jax.random.split(key)
-        x = x + self._maybe_drop(self.ls1(self.attn(self.norm1(x))), drop_path_rate, attn_key)
-        return x + self._maybe_drop(self.ls2(self.mlp(self.norm2(x))), drop_path_rate, mlp_key)
-
-    @staticmethod
-    def _maybe_drop(branch: jax.Array, rate: float | jax.Array, key: jax.Array | None) -> jax.Array:
         # Per-sample stochastic depth (DINOv2's DropPath; above rate 0.1 DINOv2 instead runs the
         # branch on a random batch subset of fixed size, the same in expectation).
-        return branch if key is None else layers.drop_path(branch, rate, key)
+        x = x + layers.drop_path(self.ls1(self.attn(self.norm1(x))), drop_path_rate, attn_key)
+        return x + layers.drop_path(self.ls2(self.mlp(self.norm2(x))), drop_path_rate, mlp_key)
 
 
 class ViT(nnx.Module):
